@@ -1,0 +1,116 @@
+"""What the method hooks see: a channel's context and the packet being sent or received."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from multifd_core.errors import MethodError
+
+
+@dataclass
+class ChannelContext:
+    """One channel of one session. ``state`` belongs to the method (streams, native jobs)."""
+
+    id: int
+    page_size: int
+    state: Any = None
+    engine: str = ""
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+class SendPacket:
+    """The normal (non-zero) pages of one packet, all from one RAM block.
+
+    ``iovecs()`` gives zero-copy views of the runs of adjacent pages; ``data()`` gives one
+    contiguous buffer (a view when the pages are adjacent, else a gathered copy); ``pages()``
+    gives a ``(normal_pages, page_size)`` uint8 array.
+    """
+
+    __slots__ = ("block_name", "normal_pages", "page_size", "_pages", "_runs", "_scratch")
+
+    def __init__(self, block_name: str, page_size: int, pages: np.ndarray,
+                 runs: list[memoryview], scratch: Callable[[int], memoryview]) -> None:
+        self.block_name = block_name
+        self.page_size = page_size
+        self.normal_pages = len(pages)
+        self._pages = pages
+        self._runs = runs
+        self._scratch = scratch
+
+    def iovecs(self) -> list[memoryview]:
+        return self._runs
+
+    def data(self) -> memoryview:
+        if len(self._runs) == 1:
+            return self._runs[0]
+        out = self._scratch(self.normal_pages * self.page_size)
+        np.copyto(np.frombuffer(out, dtype=np.uint8).reshape(self.normal_pages, self.page_size),
+                  self._pages)
+        return out
+
+    def pages(self) -> np.ndarray:
+        return self._pages
+
+
+class RecvPacket:
+    """A received packet's normal pages, for the method's ``recv`` hook.
+
+    The payload is read lazily from the channel: ``read_payload()`` returns exactly
+    ``next_packet_size`` bytes (a reused buffer: decode before the next packet);
+    ``readinto_pages()`` reads ``normal_pages * page_size`` raw bytes straight into the
+    destination pages. ``write_pages(buf)`` places decoded pages and checks their total size.
+    """
+
+    __slots__ = ("channel_id", "packet_num", "flags", "normal_pages", "next_packet_size",
+                 "page_size", "_read", "_readinto_pages", "_write", "_consumed")
+
+    def __init__(self, *, channel_id: int, packet_num: int, flags: int, normal_pages: int,
+                 next_packet_size: int, page_size: int,
+                 read: Callable[[int], memoryview], readinto_pages: Callable[[], None],
+                 write: Callable[[Any], None]) -> None:
+        self.channel_id = channel_id
+        self.packet_num = packet_num
+        self.flags = flags
+        self.normal_pages = normal_pages
+        self.next_packet_size = next_packet_size
+        self.page_size = page_size
+        self._read = read
+        self._readinto_pages = readinto_pages
+        self._write = write
+        self._consumed = False
+
+    @property
+    def expected_size(self) -> int:
+        """Decoded bytes this packet must yield: normal_pages x page_size."""
+        return self.normal_pages * self.page_size
+
+    def read_payload(self) -> memoryview:
+        self._take()
+        return self._read(self.next_packet_size)
+
+    def readinto_pages(self) -> None:
+        self._take()
+        self._readinto_pages()
+
+    def write_pages(self, data: Any) -> None:
+        size = memoryview(data).nbytes
+        if size != self.expected_size:
+            raise self.size_error(size)
+        self._write(data)
+
+    def size_error(self, received: int) -> MethodError:
+        return MethodError(
+            f"multifd {self.channel_id}: packet size received {received} size expected "
+            f"{self.expected_size} (packet {self.packet_num})",
+            field="decoded_size", received=received, expected=self.expected_size,
+            channel=self.channel_id)
+
+    def _take(self) -> None:
+        if self._consumed:
+            raise MethodError("the payload of a packet can be read only once",
+                              field="payload", received="a second read", expected="one read")
+        self._consumed = True

@@ -1,0 +1,121 @@
+"""The base class of a multifd method, and what a method declares about itself.
+
+A method is the wire format and its flag code; an engine is one way to produce or consume
+that format (a hardware accelerator, a native library, pure software). All engines of a
+method are wire-identical, and each endpoint picks its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from multifd_core import API_VERSION
+from multifd_core.errors import MultiFDError
+from multifd_core.hookspecs import hookimpl
+
+#: QEMU's receive buffer for zlib, zstd and qatzip payloads; no method's payload may exceed it.
+MAX_COMPRESSED_PAYLOAD = 1 << 20
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """One engine of a method and whether it can run here (``reason`` says why not)."""
+
+    name: str
+    kind: str  # "hardware" or "software"
+    available: bool
+    reason: str = ""
+    library: str | None = None
+    library_version: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LevelRange:
+    minimum: int
+    maximum: int
+    default: int
+
+    def check(self, method: str, level: int | None) -> int:
+        if level is None:
+            return self.default
+        if not self.minimum <= level <= self.maximum:
+            raise MultiFDError(
+                f"level {level} is out of range for method {method}: valid levels are "
+                f"{self.minimum} to {self.maximum} (default {self.default})")
+        return level
+
+
+@dataclass
+class MethodOptions:
+    """Per-session settings of a method: page size, level, preferred engine, extras."""
+
+    page_size: int = 4096
+    level: int | None = None
+    engine: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Subclass, set the class attributes, and implement the six hooks with ``@hookimpl``.
+
+    Class attributes:
+      ``name``: the method name users type (``--compression NAME``).
+      ``code``: the flag value in the 5-bit compression field (0 or a single bit of 0x3E).
+      ``api_version``: the core API version the plugin was written for.
+      ``levels``: a ``LevelRange``, or None for a method without levels.
+      ``description``: one line for ``multifd methods``.
+    """
+
+    name: ClassVar[str] = ""
+    code: ClassVar[int] = 0
+    api_version: ClassVar[str] = API_VERSION
+    levels: ClassVar[LevelRange | None] = None
+    description: ClassVar[str] = ""
+
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        self.options = options or MethodOptions()
+        self.page_size = self.options.page_size
+        if self.levels is not None:
+            self.level: int | None = self.levels.check(self.name, self.options.level)
+        elif self.options.level is not None:
+            raise MultiFDError(f"method {self.name} takes no level")
+        else:
+            self.level = None
+
+    @classmethod
+    def engines(cls) -> list[EngineInfo]:
+        """The engines of this method and their availability here. Default: one software one."""
+        return [EngineInfo(name="software", kind="software", available=True)]
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """Whether any engine can run here, and if not, why."""
+        engines = cls.engines()
+        if any(e.available for e in engines):
+            return True, ""
+        return False, "; ".join(f"{e.name}: {e.reason}" for e in engines) or "no engine"
+
+    def max_payload(self, normal_pages: int) -> int:
+        """The largest ``next_packet_size`` this method accepts for ``normal_pages`` pages."""
+        return MAX_COMPRESSED_PAYLOAD if normal_pages else 0
+
+    # The hooks. The defaults do nothing; a method overrides what it needs with @hookimpl.
+    @hookimpl
+    def send_setup(self, channel: Any) -> None:
+        return None
+
+    @hookimpl
+    def send_cleanup(self, channel: Any) -> None:
+        return None
+
+    @hookimpl
+    def recv_setup(self, channel: Any) -> None:
+        return None
+
+    @hookimpl
+    def recv_cleanup(self, channel: Any) -> None:
+        return None

@@ -1,0 +1,33 @@
+"""The built-in ``none`` method: the payload is the raw normal pages, in offset order."""
+
+from __future__ import annotations
+
+from multifd_core.context import ChannelContext, RecvPacket, SendPacket
+from multifd_core.hookspecs import hookimpl
+from multifd_core.method import Method
+
+
+class NoCompression(Method):
+    name = "none"
+    code = 0x00
+    description = "raw pages (QEMU's nocomp); zero-copy send and receive"
+
+    def max_payload(self, normal_pages: int) -> int:
+        return normal_pages * self.page_size
+
+    @hookimpl
+    def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[memoryview]:
+        return packet.iovecs()
+
+    @hookimpl
+    def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
+        # QEMU ignores next_packet_size for none; we insist it is right (validated as <=,
+        # and here as ==), since a wrong value desynchronises the stream.
+        if packet.next_packet_size != packet.expected_size:
+            raise packet.size_error(packet.next_packet_size)
+        packet.readinto_pages()
+
+
+@hookimpl
+def multifd_register_methods(register) -> None:
+    register(NoCompression)

@@ -1,0 +1,245 @@
+"""The method registry: built-in ``none`` plus every ``multifd.methods`` entry point.
+
+Each entry point is loaded in isolation: one that fails to import, registers nothing valid,
+was built for another core API, or claims a code already taken is reported in ``failed`` and
+never breaks the host (unless strict mode asks for an error). Environment:
+
+``MULTIFD_PLUGINS``         comma-separated entry-point names to load; empty: load none.
+``MULTIFD_STRICT_PLUGINS``  ``1``: a plugin that fails to load is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from multifd_core import API_VERSION, nocomp
+from multifd_core import __version__ as CORE_VERSION
+from multifd_core.errors import PluginError, UnknownMethodError
+from multifd_core.hookspecs import PROJECT, MethodSpec, RegistrationSpec
+from multifd_core.method import Method, MethodOptions
+from multifd_core.wire import COMPRESSION_BITS, RESERVED_CODES
+
+ENTRY_POINT_GROUP = "multifd.methods"
+HOOK_NAMES = ("send_setup", "send_prepare", "send_cleanup", "recv_setup", "recv", "recv_cleanup")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+#: Where the methods QEMU knows come from, for the install hint.
+KNOWN_DISTRIBUTIONS = {name: f"multifd-{name}" for name in RESERVED_CODES if name != "none"}
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A registered method: its class and where it comes from."""
+
+    cls: type[Method]
+    plugin: str
+    distribution: str
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+    @property
+    def code(self) -> int:
+        return self.cls.code
+
+
+@dataclass(frozen=True)
+class FailedPlugin:
+    plugin: str
+    distribution: str
+    error: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"plugin": self.plugin, "distribution": self.distribution, "error": self.error}
+
+
+def api_compatible(declared: str) -> bool:
+    """A plugin is compatible when its API major version equals the core's."""
+    return str(declared).split(".")[0] == API_VERSION.split(".")[0]
+
+
+class MethodRegistry:
+    """Methods by name and by flag code."""
+
+    def __init__(self, *, entry_points: bool = True, strict: bool | None = None,
+                 only: Iterable[str] | None = None) -> None:
+        if strict is None:
+            strict = os.environ.get("MULTIFD_STRICT_PLUGINS", "") not in ("", "0")
+        if only is None and "MULTIFD_PLUGINS" in os.environ:
+            only = [p.strip() for p in os.environ["MULTIFD_PLUGINS"].split(",") if p.strip()]
+        self.strict = strict
+        self._only = None if only is None else set(only)
+        self._methods: dict[str, MethodEntry] = {}
+        self.failed: list[FailedPlugin] = []
+        self._pm = pluggy.PluginManager(PROJECT)
+        self._pm.add_hookspecs(RegistrationSpec)
+        self._load_module(nocomp, "none", "multifd-core", CORE_VERSION)
+        if entry_points:
+            for ep in _entry_points():
+                if self._only is not None and ep.name not in self._only:
+                    continue
+                self._load_entry_point(ep)
+        if self.strict and self.failed:
+            raise PluginError("; ".join(f"plugin {f.plugin} ({f.distribution}) failed: {f.error}"
+                                        for f in self.failed))
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_entry_point(self, ep: metadata.EntryPoint) -> None:
+        dist = ep.dist.name if ep.dist is not None else "?"
+        version = ep.dist.version if ep.dist is not None else "?"
+        try:
+            module = ep.load()
+        except Exception as exc:  # a broken plugin must not break the host
+            self.failed.append(FailedPlugin(ep.name, dist, f"import failed: {exc!r}"))
+            return
+        self._load_module(module, ep.name, dist, version)
+
+    def _load_module(self, module: ModuleType | Any, plugin: str, dist: str,
+                     version: str) -> None:
+        found: list[type] = []
+        try:
+            if self._pm.is_registered(module):
+                return
+            self._pm.register(module, name=f"{plugin}@{dist}")
+            impls = [i for i in self._pm.hook.multifd_register_methods.get_hookimpls()
+                     if i.plugin is module]
+            if not impls:
+                raise PluginError("it implements no multifd_register_methods hook")
+            for impl in impls:
+                impl.function(register=found.append)
+            if not found:
+                raise PluginError("it registered no method")
+        except Exception as exc:
+            self.failed.append(FailedPlugin(plugin, dist, f"registration failed: {exc}"))
+            return
+        for cls in found:
+            try:
+                self.add(cls, plugin=plugin, distribution=dist, version=version)
+            except PluginError as exc:
+                self.failed.append(FailedPlugin(plugin, dist, str(exc)))
+
+    def add(self, cls: type, *, plugin: str = "local", distribution: str = "local",
+            version: str = "0") -> MethodEntry:
+        """Register a method class after checking its declaration."""
+        check_method_class(cls)
+        name, code = cls.name, cls.code
+        if name in self._methods:
+            other = self._methods[name]
+            raise PluginError(f"method {name!r} from {distribution} is already provided by "
+                              f"{other.distribution}")
+        for other in self._methods.values():
+            if other.code == code:
+                # Neither can be trusted to own the code: refuse both.
+                del self._methods[other.name]
+                self.failed.append(FailedPlugin(
+                    other.plugin, other.distribution,
+                    f"flag code {code:#04x} claimed by both {other.name!r} ({other.distribution})"
+                    f" and {name!r} ({distribution}); both refused"))
+                raise PluginError(
+                    f"flag code {code:#04x} claimed by both {name!r} ({distribution}) and "
+                    f"{other.name!r} ({other.distribution}); both refused")
+        entry = MethodEntry(cls, plugin, distribution, version)
+        self._methods[name] = entry
+        return entry
+
+    # ------------------------------------------------------------------ lookup
+
+    def names(self) -> list[str]:
+        return sorted(self._methods, key=lambda n: (self._methods[n].code, n))
+
+    def entries(self) -> list[MethodEntry]:
+        return [self._methods[n] for n in self.names()]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._methods
+
+    def get(self, name: str) -> MethodEntry:
+        try:
+            return self._methods[name]
+        except KeyError:
+            raise UnknownMethodError(self.unknown_message(name)) from None
+
+    def by_code(self, code: int) -> MethodEntry | None:
+        for entry in self._methods.values():
+            if entry.code == code:
+                return entry
+        return None
+
+    def unknown_message(self, name: str) -> str:
+        text = f"unknown method {name!r}; installed: {', '.join(self.names())}"
+        failed = [f for f in self.failed if f.plugin == name]
+        if failed:
+            text += f"; plugin {name!r} is installed but failed to load: {failed[0].error}"
+        elif name in KNOWN_DISTRIBUTIONS:
+            text += f"; install it with: pip install {KNOWN_DISTRIBUTIONS[name]}"
+        else:
+            text += "; a third-party method is installed from its own distribution"
+        return text
+
+    def create(self, name: str, options: MethodOptions | None = None) -> Method:
+        """A method instance for one session (checks level and engine)."""
+        return self.get(name).cls(options or MethodOptions())
+
+
+def check_method_class(cls: Any) -> None:
+    """Refuse a method class whose declaration the core cannot trust."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise PluginError(f"{cls!r} is not a multifd_core.Method subclass")
+    name, code = getattr(cls, "name", ""), getattr(cls, "code", None)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise PluginError(f"method name {name!r} of {cls.__qualname__} must match "
+                          f"{_NAME_RE.pattern}")
+    if not isinstance(code, int) or (code != 0 and code not in COMPRESSION_BITS):
+        raise PluginError(f"method {name!r} declares code {code!r}: a code is 0 or one bit of "
+                          f"0x3E ({', '.join(hex(b) for b in COMPRESSION_BITS)})")
+    reserved_name = {v: k for k, v in RESERVED_CODES.items()}.get(code)
+    if reserved_name is not None and reserved_name != name:
+        free = [hex(b) for b in COMPRESSION_BITS if b not in RESERVED_CODES.values()]
+        raise PluginError(
+            f"method {name!r} claims code {code:#04x}, which QEMU reserves for "
+            f"{reserved_name!r}; free codes: {', '.join(free) or 'none'}")
+    if name in RESERVED_CODES and RESERVED_CODES[name] != code:
+        raise PluginError(f"method {name!r} must use QEMU's code {RESERVED_CODES[name]:#04x}, "
+                          f"not {code:#04x}")
+    if not api_compatible(getattr(cls, "api_version", "")):
+        raise PluginError(f"method {name!r} was built for multifd-core API "
+                          f"{cls.api_version}; this core provides API {API_VERSION}")
+    for hook in HOOK_NAMES:
+        fn = getattr(cls, hook, None)
+        if fn is None or getattr(fn, f"{PROJECT}_impl", None) is None:
+            raise PluginError(f"method {name!r} does not implement hook {hook} "
+                              f"(decorate it with multifd_core.hookimpl)")
+
+
+def bind(method: Method) -> Any:
+    """The hook caller for one session: a plugin manager holding only ``method``."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(MethodSpec)
+    pm.register(method)
+    return pm.hook
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+
+
+_default: MethodRegistry | None = None
+
+
+def default_registry() -> MethodRegistry:
+    """The process-wide registry (loaded once)."""
+    global _default
+    if _default is None:
+        _default = MethodRegistry()
+    return _default
