@@ -1,0 +1,41 @@
+"""Vectorised page work: zero-page detection and runs of adjacent pages (no per-page loop)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def zero_mask(pages_u64: np.ndarray) -> np.ndarray:
+    """True for each all-zero row of a ``(n, page_size // 8)`` uint64 array.
+
+    A page whose first word is non-zero is non-zero; only the others are reduced in full,
+    so data pages cost one load each and zero pages one OR-reduction.
+    """
+    first_zero = pages_u64[:, 0] == 0
+    if not first_zero.any():
+        return first_zero
+    if first_zero.all():
+        return np.bitwise_or.reduce(pages_u64, axis=1) == 0
+    out = np.zeros(len(pages_u64), dtype=bool)
+    candidates = np.flatnonzero(first_zero)
+    out[candidates] = np.bitwise_or.reduce(pages_u64[candidates], axis=1) == 0
+    return out
+
+
+def page_runs(block: np.ndarray, index: np.ndarray, page_size: int) -> list[memoryview]:
+    """Zero-copy views of ``block`` (flat uint8) covering pages ``index``, one per run of
+    consecutive page numbers, in the order of ``index``."""
+    if len(index) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    ends = np.concatenate((breaks, [len(index)])).tolist()
+    first = index[starts].tolist()
+    last = index[np.asarray(ends) - 1].tolist()
+    mv = memoryview(block).cast("B")
+    return [mv[f * page_size : (la + 1) * page_size] for f, la in zip(first, last)]
+
+
+def offsets_to_index(offsets: np.ndarray, page_size: int) -> np.ndarray:
+    """Page numbers of page-aligned byte offsets (as int64 for indexing)."""
+    return (offsets // np.uint64(page_size)).astype(np.int64)
