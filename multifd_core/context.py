@@ -26,18 +26,21 @@ class SendPacket:
     """The normal (non-zero) pages of one packet, all from one RAM block.
 
     ``iovecs()`` gives zero-copy views of the runs of adjacent pages; ``data()`` gives one
-    contiguous buffer (a view when the pages are adjacent, else a gathered copy); ``pages()``
-    gives a ``(normal_pages, page_size)`` uint8 array.
+    contiguous buffer (a view when the pages are adjacent, else a gathered copy into a
+    per-channel scratch buffer); ``pages()`` gives a ``(normal_pages, page_size)`` uint8 array.
     """
 
-    __slots__ = ("block_name", "normal_pages", "page_size", "_pages", "_runs", "_scratch")
+    __slots__ = ("block_name", "normal_pages", "page_size", "_block_pages", "_index", "_runs",
+                 "_scratch")
 
-    def __init__(self, block_name: str, page_size: int, pages: np.ndarray,
-                 runs: list[memoryview], scratch: Callable[[int], memoryview]) -> None:
+    def __init__(self, block_name: str, page_size: int, block_pages: np.ndarray,
+                 index: np.ndarray, runs: list[memoryview],
+                 scratch: Callable[[int], memoryview]) -> None:
         self.block_name = block_name
         self.page_size = page_size
-        self.normal_pages = len(pages)
-        self._pages = pages
+        self.normal_pages = len(index)
+        self._block_pages = block_pages
+        self._index = index
         self._runs = runs
         self._scratch = scratch
 
@@ -48,12 +51,15 @@ class SendPacket:
         if len(self._runs) == 1:
             return self._runs[0]
         out = self._scratch(self.normal_pages * self.page_size)
-        np.copyto(np.frombuffer(out, dtype=np.uint8).reshape(self.normal_pages, self.page_size),
-                  self._pages)
+        np.take(self._block_pages, self._index, axis=0,
+                out=np.frombuffer(out, dtype=np.uint8).reshape(self.normal_pages, self.page_size))
         return out
 
     def pages(self) -> np.ndarray:
-        return self._pages
+        if len(self._runs) == 1:
+            first = int(self._index[0])
+            return self._block_pages[first : first + self.normal_pages]
+        return self._block_pages[self._index]
 
 
 class RecvPacket:

@@ -39,7 +39,8 @@ class MethodHarness:
     def encode(self, pages: np.ndarray, channel: int = 0) -> bytes:
         """The payload ``send_prepare`` produces for ``pages`` (``(n, page_size)`` uint8)."""
         pages = np.ascontiguousarray(pages, dtype=np.uint8).reshape(-1, self.page_size)
-        runs = page_runs(pages.reshape(-1), np.arange(len(pages), dtype=np.int64), self.page_size)
+        index = np.arange(len(pages), dtype=np.int64)
+        runs = page_runs(pages.reshape(-1), index, self.page_size)
         scratch: dict[str, bytearray] = {}
 
         def get_scratch(n: int) -> memoryview:
@@ -48,7 +49,7 @@ class MethodHarness:
                 buf = scratch["b"] = bytearray(n)
             return memoryview(buf)[:n]
 
-        packet = SendPacket("harness", self.page_size, pages, runs, get_scratch)
+        packet = SendPacket("harness", self.page_size, pages, index, runs, get_scratch)
         payload = self._send.send_prepare(channel=self.send_ctx[channel], packet=packet)
         return b"".join(bytes(p) for p in payload)
 

@@ -64,7 +64,8 @@ class Method:
 
     Class attributes:
       ``name``: the method name users type (``--compression NAME``).
-      ``code``: the flag value in the 5-bit compression field (0 or a single bit of 0x3E).
+      ``code``: the flag value in the 5-bit compression field: QEMU's methods use 0 or a
+      single bit of 0x3E; a third-party method uses a value with two or more bits of 0x3E.
       ``api_version``: the core API version the plugin was written for.
       ``levels``: a ``LevelRange``, or None for a method without levels.
       ``description``: one line for ``multifd methods``.
@@ -85,6 +86,8 @@ class Method:
             raise MultiFDError(f"method {self.name} takes no level")
         else:
             self.level = None
+        if self.options.engine is not None:
+            self.choose_engine(self.options.engine)
 
     @classmethod
     def engines(cls) -> list[EngineInfo]:
@@ -98,6 +101,25 @@ class Method:
         if any(e.available for e in engines):
             return True, ""
         return False, "; ".join(f"{e.name}: {e.reason}" for e in engines) or "no engine"
+
+    @classmethod
+    def choose_engine(cls, requested: str | None = None) -> EngineInfo:
+        """``requested`` if this method declares it and it is available here, else (for None)
+        the first available engine; a ``MultiFDError`` says why none can be used."""
+        engines = cls.engines()
+        if requested is None:
+            for engine in engines:
+                if engine.available:
+                    return engine
+            raise MultiFDError(f"method {cls.name} cannot run here: {cls.available()[1]}")
+        for engine in engines:
+            if engine.name == requested:
+                if not engine.available:
+                    raise MultiFDError(f"engine {requested} of method {cls.name} is not "
+                                       f"available here: {engine.reason}")
+                return engine
+        raise MultiFDError(f"method {cls.name} has no engine {requested!r}; its engines: "
+                           f"{', '.join(e.name for e in engines) or 'none'}")
 
     def max_payload(self, normal_pages: int) -> int:
         """The largest ``next_packet_size`` this method accepts for ``normal_pages`` pages."""

@@ -25,7 +25,7 @@ from multifd_core import __version__ as CORE_VERSION
 from multifd_core.errors import PluginError, UnknownMethodError
 from multifd_core.hookspecs import PROJECT, MethodSpec, RegistrationSpec
 from multifd_core.method import Method, MethodOptions
-from multifd_core.wire import COMPRESSION_BITS, RESERVED_CODES
+from multifd_core.wire import COMPRESSION_BITS, COMPRESSION_MASK, RESERVED_CODES
 
 ENTRY_POINT_GROUP = "multifd.methods"
 HOOK_NAMES = ("send_setup", "send_prepare", "send_cleanup", "recv_setup", "recv", "recv_cleanup")
@@ -85,10 +85,15 @@ class MethodRegistry:
         self._pm.add_hookspecs(RegistrationSpec)
         self._load_module(nocomp, "none", "multifd-core", CORE_VERSION)
         if entry_points:
-            for ep in _entry_points():
+            eps = _entry_points()
+            for ep in eps:
                 if self._only is not None and ep.name not in self._only:
                     continue
                 self._load_entry_point(ep)
+            for missing in sorted((self._only or set()) - {ep.name for ep in eps} - {"none"}):
+                self.failed.append(FailedPlugin(
+                    missing, "?", f"selected by MULTIFD_PLUGINS but no installed distribution "
+                    f"has a {ENTRY_POINT_GROUP} entry point named {missing!r}"))
         if self.strict and self.failed:
             raise PluginError("; ".join(f"plugin {f.plugin} ({f.distribution}) failed: {f.error}"
                                         for f in self.failed))
@@ -200,15 +205,15 @@ def check_method_class(cls: Any) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise PluginError(f"method name {name!r} of {cls.__qualname__} must match "
                           f"{_NAME_RE.pattern}")
-    if not isinstance(code, int) or (code != 0 and code not in COMPRESSION_BITS):
-        raise PluginError(f"method {name!r} declares code {code!r}: a code is 0 or one bit of "
-                          f"0x3E ({', '.join(hex(b) for b in COMPRESSION_BITS)})")
+    if not isinstance(code, int) or isinstance(code, bool) or code & ~COMPRESSION_MASK:
+        raise PluginError(f"method {name!r} declares code {code!r}: a code is a value inside "
+                          f"the compression field {COMPRESSION_MASK:#04x}")
     reserved_name = {v: k for k, v in RESERVED_CODES.items()}.get(code)
     if reserved_name is not None and reserved_name != name:
-        free = [hex(b) for b in COMPRESSION_BITS if b not in RESERVED_CODES.values()]
         raise PluginError(
             f"method {name!r} claims code {code:#04x}, which QEMU reserves for "
-            f"{reserved_name!r}; free codes: {', '.join(free) or 'none'}")
+            f"{reserved_name!r}; a third-party method takes a value with two or more bits "
+            f"of {COMPRESSION_MASK:#04x} (free: {_free_codes()})")
     if name in RESERVED_CODES and RESERVED_CODES[name] != code:
         raise PluginError(f"method {name!r} must use QEMU's code {RESERVED_CODES[name]:#04x}, "
                           f"not {code:#04x}")
@@ -220,6 +225,17 @@ def check_method_class(cls: Any) -> None:
         if fn is None or getattr(fn, f"{PROJECT}_impl", None) is None:
             raise PluginError(f"method {name!r} does not implement hook {hook} "
                               f"(decorate it with multifd_core.hookimpl)")
+
+
+#: Codes a third-party method may take: values of the compression field with two or more
+#: bits set. QEMU's methods use 0 and the single bits; QEMU checks ``flags & 0x3E`` for
+#: equality with its own code, so these values travel only between endpoints of this project.
+THIRD_PARTY_CODES = tuple(c for c in range(2, COMPRESSION_MASK + 1, 2)
+                          if c & COMPRESSION_MASK == c and c not in COMPRESSION_BITS)
+
+
+def _free_codes() -> str:
+    return ", ".join(hex(c) for c in THIRD_PARTY_CODES[:4]) + ", ..."
 
 
 def bind(method: Method) -> Any:

@@ -1,0 +1,656 @@
+"""QEMU's main migration stream (savevm format 3, RAM section version 4), sans-IO.
+
+``MainStreamReader`` is fed bytes as they arrive and yields events: the prologue (header and
+configuration section), commands, RAM section records (block list, pages, MULTIFD_FLUSH, EOS)
+and, once the RAM END section is over, the device tail as raw chunks. Device sections carry no
+length, so the tail is never parsed: it is kept verbatim (it ends with ``00`` and the
+``06 len JSON`` vmdesc). The ``encode_*`` functions write the same format for a replay source.
+Every integer is big-endian.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from multifd_core.errors import MultiFDError
+
+MAGIC = 0x5145564D  # "QEVM"
+VERSION = 3
+VERSION_V2 = 2
+
+# Section types (the top-level byte).
+EOF = 0x00
+SECTION_START = 0x01
+SECTION_PART = 0x02
+SECTION_END = 0x03
+SECTION_FULL = 0x04
+SUBSECTION = 0x05
+VMDESCRIPTION = 0x06
+CONFIGURATION = 0x07
+COMMAND = 0x08
+FOOTER = 0x7E
+SECTION_NAMES = {SECTION_START: "START", SECTION_PART: "PART", SECTION_END: "END",
+                 SECTION_FULL: "FULL"}
+
+# Commands on the main stream.
+CMD_OPEN_RETURN_PATH = 1
+CMD_PING = 2
+CMD_SWITCHOVER_START = 11
+COMMAND_LENGTHS = {CMD_OPEN_RETURN_PATH: 0, CMD_PING: 4, CMD_SWITCHOVER_START: 0}
+COMMAND_NAMES = {CMD_OPEN_RETURN_PATH: "OPEN_RETURN_PATH", CMD_PING: "PING",
+                 CMD_SWITCHOVER_START: "SWITCHOVER_START"}
+
+# Return-path messages (destination -> source, on the main socket).
+RP_SHUT = 1
+RP_PONG = 2
+
+# RAM section.
+RAM_IDSTR = "ram"
+RAM_VERSION = 4
+FLAG_ZERO = 0x002
+FLAG_MEM_SIZE = 0x004
+FLAG_PAGE = 0x008
+FLAG_EOS = 0x010
+FLAG_CONTINUE = 0x020
+FLAG_XBZRLE = 0x040
+FLAG_HOOK = 0x080
+FLAG_MULTIFD_FLUSH = 0x200
+
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+_CMD = struct.Struct(">BHH")
+
+#: Configuration subsections this reader understands (all version 1).
+CONFIG_SUBSECTIONS = ("configuration/target-page-bits", "configuration/capabilities",
+                      "configuration/uuid")
+
+
+class StreamError(MultiFDError):
+    """The main stream breaks the format, or holds something a capture cannot take."""
+
+    def __init__(self, message: str, *, offset: int | None = None) -> None:
+        self.offset = offset
+        super().__init__(message if offset is None else f"{message} (main stream offset {offset})")
+
+
+class _NeedData(Exception):
+    """Not enough bytes buffered for the next item."""
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One entry of the MEM_SIZE block list."""
+
+    name: str
+    length: int
+    page_size: int | None = None  # only with postcopy-ram and a non-host page size
+    addr: int | None = None  # only with x-ignore-shared
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """File header and configuration section; ``raw`` is every byte of both."""
+
+    machine: str
+    capabilities: tuple[str, ...]
+    uuid: bytes | None
+    target_page_bits: int | None
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class Command:
+    cmd: int
+    data: bytes
+
+    @property
+    def name(self) -> str:
+        return COMMAND_NAMES.get(self.cmd, str(self.cmd))
+
+
+@dataclass(frozen=True)
+class SectionHeader:
+    kind: int
+    section_id: int
+    idstr: str
+    instance_id: int
+    version: int
+
+
+@dataclass(frozen=True)
+class MemSize:
+    total: int
+    blocks: tuple[BlockInfo, ...]
+
+
+@dataclass(frozen=True)
+class RamPage:
+    """A ZERO (``data`` None) or PAGE record on the main channel."""
+
+    block: str
+    offset: int
+    data: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Flush:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH: a sync point in per-round mode."""
+
+    section_id: int
+
+
+@dataclass(frozen=True)
+class Eos:
+    """The end of a RAM section body: a sync point in per-section mode."""
+
+    section_id: int
+    kind: int
+
+
+@dataclass(frozen=True)
+class SectionFooter:
+    kind: int
+    section_id: int
+    idstr: str
+
+
+@dataclass(frozen=True)
+class TailData:
+    """Raw bytes of the device tail; the first chunk starts at ``offset`` of the stream."""
+
+    offset: int
+    data: bytes = field(repr=False)
+
+
+Event = (Prologue | Command | SectionHeader | MemSize | RamPage | Flush | Eos | SectionFooter
+         | TailData)
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class MainStreamReader:
+    """Incremental parser of a precopy main stream, up to the device tail.
+
+    ``feed(data)`` buffers bytes; ``events()`` yields every event the buffer completes.
+    ``close()`` at end of input checks that the stream ended inside the tail, after the EOF
+    marker (with or without the vmdesc); it returns the tail's total length.
+    """
+
+    def __init__(self, *, page_size: int = 4096) -> None:
+        self.page_size = page_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._base = 0  # stream offset of _buf[0]
+        self._state = "header"
+        self.prologue: Prologue | None = None
+        self.blocks: dict[str, BlockInfo] = {}
+        self.ram_section_id: int | None = None
+        self._section: SectionHeader | None = None
+        self._last_block: str | None = None
+        self.ram_end_seen = False
+        self.tail_offset: int | None = None
+        self.tail_length = 0
+        self._tail_last = b""  # enough of the tail's end to check its shape
+        self.flushes = 0
+        self.eos_count = 0
+        self.commands: list[Command] = []
+        self._eof = False
+
+    # ------------------------------------------------------------------ input
+
+    @property
+    def offset(self) -> int:
+        """Stream offset of the next unparsed byte."""
+        return self._base + self._pos
+
+    @property
+    def in_tail(self) -> bool:
+        return self._state == "tail"
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof:
+            raise StreamError("data fed after close()")
+        if self._pos > 65536 and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._base += self._pos
+            self._pos = 0
+        self._buf += data
+
+    def events(self) -> Iterator[Event]:
+        while True:
+            if self._state == "tail":
+                chunk = self._buf[self._pos :]
+                if chunk:
+                    start = self.offset
+                    self._base += len(self._buf)
+                    self._buf = bytearray()
+                    self._pos = 0
+                    self.tail_length += len(chunk)
+                    self._tail_last = (self._tail_last + bytes(chunk))[-8:]
+                    yield TailData(start, bytes(chunk))
+                return
+            start = self._pos
+            try:
+                ev = self._step()
+            except _NeedData:
+                self._pos = start
+                return
+            if ev is not None:
+                yield ev
+
+    def close(self) -> int:
+        """End of input: the stream must be inside the tail and the tail must end well."""
+        self._eof = True
+        if self._state != "tail":
+            where = {"header": "the file header", "config": "the configuration section",
+                     "top": "a section header", "ram": "a RAM section record",
+                     "footer": "a section footer"}[self._state]
+            raise StreamError(f"main stream ended early, in {where}"
+                              + ("" if self.ram_end_seen else ", before the RAM END section"),
+                              offset=self.offset)
+        return self.tail_length
+
+    # ------------------------------------------------------------------ primitives
+
+    def _take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._buf):
+            raise _NeedData
+        out = bytes(self._buf[self._pos : end])
+        self._pos = end
+        return out
+
+    def _u8(self) -> int:
+        if self._pos >= len(self._buf):
+            raise _NeedData
+        v = self._buf[self._pos]
+        self._pos += 1
+        return v
+
+    def _peek_u8(self) -> int:
+        if self._pos >= len(self._buf):
+            raise _NeedData
+        return self._buf[self._pos]
+
+    def _be(self, s: struct.Struct) -> int:
+        end = self._pos + s.size
+        if end > len(self._buf):
+            raise _NeedData
+        (v,) = s.unpack_from(self._buf, self._pos)
+        self._pos = end
+        return v
+
+    def _str8(self) -> str:
+        n = self._u8()
+        raw = self._take(n)
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise StreamError(f"non-ASCII name {raw!r}", offset=self.offset - n) from None
+
+    def _error(self, message: str, at: int | None = None) -> StreamError:
+        return StreamError(message, offset=self._base + (self._pos if at is None else at))
+
+    # ------------------------------------------------------------------ grammar
+
+    def _step(self) -> Event | None:
+        state = self._state
+        if state == "header":
+            return self._header()
+        if state == "config":
+            return self._config()
+        if state == "top":
+            return self._top()
+        if state == "ram":
+            return self._ram_record()
+        if state == "footer":
+            return self._footer()
+        raise AssertionError(state)
+
+    def _header(self) -> None:
+        magic = self._be(_BE32)
+        version = self._be(_BE32)
+        if magic != MAGIC:
+            raise self._error(f"Not a migration stream: magic {magic:#010x}, expected "
+                              f"{MAGIC:#010x} (QEVM)", 0)
+        if version == VERSION_V2:
+            raise self._error("SaveVM v2 format is obsolete", 4)
+        if version != VERSION:
+            raise self._error(f"Unsupported migration stream version {version}, expected "
+                              f"{VERSION}", 4)
+        self._state = "config"
+        return None
+
+    def _config(self) -> Prologue:
+        start = self._pos
+        kind = self._u8()
+        if kind != CONFIGURATION:
+            raise self._error(f"Configuration section missing: section type {kind:#04x}, "
+                              f"expected {CONFIGURATION:#04x}", start)
+        n = self._be(_BE32)
+        if n > 255:
+            raise self._error(f"machine type name of {n} bytes, expected at most 255", start)
+        machine = self._take(n).decode("ascii", "replace")
+        caps: tuple[str, ...] = ()
+        uuid = None
+        page_bits = None
+        while self._peek_u8() == SUBSECTION:
+            at = self._pos
+            self._u8()
+            name = self._str8()
+            version = self._be(_BE32)
+            if name not in CONFIG_SUBSECTIONS:
+                raise self._error(f"unknown configuration subsection {name!r}, expected one "
+                                  f"of {', '.join(CONFIG_SUBSECTIONS)}", at)
+            if version != 1:
+                raise self._error(f"configuration subsection {name} version {version}, "
+                                  "expected 1", at)
+            if name == "configuration/capabilities":
+                count = self._be(_BE32)
+                if count > 64:
+                    raise self._error(f"{count} validated capabilities, expected at most 64",
+                                      at)
+                caps = tuple(self._str8() for _ in range(count))
+            elif name == "configuration/uuid":
+                uuid = self._take(16)
+            else:
+                page_bits = self._be(_BE32)
+        self._state = "top"
+        self.prologue = Prologue(machine, caps, uuid, page_bits,
+                                 bytes(self._buf[: self._pos]) if self._base == 0 else b"")
+        return self.prologue
+
+    def _top(self) -> Event | None:
+        start = self._pos
+        kind = self._u8()
+        if self.ram_end_seen:
+            if kind not in (SECTION_FULL, EOF, COMMAND, SECTION_START) or (
+                    kind == SECTION_START and self._full_header_is_ram()):
+                raise self._error(f"unexpected section type {kind:#04x} right after the RAM "
+                                  "END section", start)
+            self._pos = start
+            self.tail_offset = self._base + start
+            self._state = "tail"
+            return None
+        if kind == COMMAND:
+            cmd = self._be(_BE16)
+            n = self._be(_BE16)
+            data = self._take(n)
+            want = COMMAND_LENGTHS.get(cmd)
+            if want is None:
+                raise self._error(f"unexpected command {cmd} on a precopy stream (known: "
+                                  f"{', '.join(f'{k} {v}' for k, v in COMMAND_NAMES.items())})",
+                                  start)
+            if n != want:
+                raise self._error(f"command {COMMAND_NAMES[cmd]} with length {n}, expected "
+                                  f"{want}", start)
+            ev = Command(cmd, data)
+            self.commands.append(ev)
+            return ev
+        if kind in (SECTION_START, SECTION_FULL):
+            section_id = self._be(_BE32)
+            idstr = self._str8()
+            instance_id = self._be(_BE32)
+            version = self._be(_BE32)
+            hdr = SectionHeader(kind, section_id, idstr, instance_id, version)
+            if kind == SECTION_FULL or idstr != RAM_IDSTR:
+                raise self._error(
+                    f"unexpected section {SECTION_NAMES[kind]} {idstr!r} (instance "
+                    f"{instance_id}) before the RAM END section; only 'ram' is supported", start)
+            if self.ram_section_id is not None:
+                raise self._error("a second RAM START section", start)
+            if instance_id != 0:
+                raise self._error(f"RAM section instance {instance_id}, expected 0", start)
+            if version != RAM_VERSION:
+                raise self._error(f"RAM section version {version}, expected {RAM_VERSION}",
+                                  start)
+            self.ram_section_id = section_id
+            self._section = hdr
+            self._state = "ram"
+            return hdr
+        if kind in (SECTION_PART, SECTION_END):
+            section_id = self._be(_BE32)
+            if self.ram_section_id is None or section_id != self.ram_section_id:
+                raise self._error(
+                    f"unexpected section {SECTION_NAMES[kind]} with id {section_id}; expected "
+                    f"the RAM section id {self.ram_section_id}", start)
+            hdr = SectionHeader(kind, section_id, RAM_IDSTR, 0, RAM_VERSION)
+            self._section = hdr
+            self._state = "ram"
+            return hdr
+        if kind == EOF:
+            raise self._error("EOF marker before the RAM END section", start)
+        raise self._error(f"unexpected section type {kind:#04x}", start)
+
+    def _full_header_is_ram(self) -> bool:
+        self._be(_BE32)
+        return self._str8() == RAM_IDSTR
+
+    def _ram_record(self) -> Event | None:
+        start = self._pos
+        hdr = self._be(_BE64)
+        mask = self.page_size - 1
+        flags = hdr & mask
+        addr = hdr & ~mask
+        sec = self._section
+        assert sec is not None
+        if flags == FLAG_EOS:
+            self._state = "footer"
+            self.eos_count += 1
+            return Eos(sec.section_id, sec.kind)
+        if flags == FLAG_MULTIFD_FLUSH:
+            self.flushes += 1
+            return Flush(sec.section_id)
+        if flags == FLAG_MEM_SIZE:
+            if sec.kind != SECTION_START or self.blocks:
+                raise self._error("MEM_SIZE record outside the RAM START section", start)
+            return self._mem_size(addr, start)
+        base = flags & ~FLAG_CONTINUE
+        if base in (FLAG_ZERO, FLAG_PAGE):
+            if flags & FLAG_CONTINUE:
+                if self._last_block is None:
+                    raise self._error("CONTINUE page record with no previous block", start)
+                name = self._last_block
+            else:
+                name = self._str8()
+            info = self.blocks.get(name)
+            if info is None:
+                raise self._error(f'Unknown ramblock "{name}", cannot accept migration', start)
+            if addr + self.page_size > info.length:
+                raise self._error(f"page offset {addr:#x} beyond ramblock {name} of length "
+                                  f"{info.length:#x}", start)
+            if base == FLAG_ZERO:
+                fill = self._u8()
+                if fill != 0:
+                    raise self._error(f"Found a zero page with value {fill}", start)
+                data = None
+            else:
+                data = self._take(self.page_size)
+            self._last_block = name
+            return RamPage(name, addr, data)
+        what = {FLAG_XBZRLE: "XBZRLE pages", FLAG_HOOK: "RDMA hooks"}.get(base & ~FLAG_CONTINUE)
+        raise self._error(f"Unknown combination of migration flags: {flags:#x}"
+                          + (f" ({what} are not supported)" if what else ""), start)
+
+    def _mem_size(self, total: int, start: int) -> MemSize:
+        with_addr = "x-ignore-shared" in (self.prologue.capabilities if self.prologue else ())
+        blocks: list[BlockInfo] = []
+        seen = 0
+        while seen < total:
+            name = self._str8()
+            length = self._be(_BE64)
+            addr = self._be(_BE64) if with_addr else None
+            if not name:
+                raise self._error('Unknown ramblock "" in the MEM_SIZE list (total '
+                                  f"{total:#x}, listed so far {seen:#x})", start)
+            if length % self.page_size:
+                raise self._error(f"ramblock {name} length {length:#x} is not a multiple of "
+                                  f"the page size", start)
+            if any(b.name == name for b in blocks):
+                raise self._error(f"ramblock {name} listed twice", start)
+            blocks.append(BlockInfo(name, length, None, addr))
+            seen += length
+        if seen != total:
+            raise self._error(f"MEM_SIZE block lengths sum to {seen:#x}, expected the listed "
+                              f"total {total:#x}", start)
+        self.blocks = {b.name: b for b in blocks}
+        return MemSize(total, tuple(blocks))
+
+    def _footer(self) -> SectionFooter:
+        start = self._pos
+        marker = self._u8()
+        sec = self._section
+        assert sec is not None
+        if marker != FOOTER:
+            raise self._error(f"Missing section footer for {sec.idstr}: byte {marker:#04x}, "
+                              f"expected {FOOTER:#04x}", start)
+        section_id = self._be(_BE32)
+        if section_id != sec.section_id:
+            raise self._error(f"Mismatched section id in footer for {sec.idstr}: read "
+                              f"{section_id}, expected {sec.section_id}", start)
+        if sec.kind == SECTION_END:
+            self.ram_end_seen = True
+        self._state = "top"
+        return SectionFooter(sec.kind, section_id, sec.idstr)
+
+
+# --------------------------------------------------------------------------- tail helpers
+
+
+def split_tail(tail: bytes) -> tuple[bytes, bytes | None]:
+    """Split a device tail into (device sections + EOF byte, vmdesc JSON or None).
+
+    The JSON holds no NUL, so the EOF marker is the last NUL byte or sits at most 5 bytes
+    before it (the vmdesc's be32 length may contain NULs).
+    """
+    if tail.endswith(b"\0"):
+        return tail, None
+    last = tail.rfind(b"\0")
+    for k in range(max(last - 5, 0), last + 1) if last >= 0 else ():
+        if tail[k] == EOF and len(tail) >= k + 6 and tail[k + 1] == VMDESCRIPTION:
+            (n,) = _BE32.unpack_from(tail, k + 2)
+            if n == len(tail) - k - 6:
+                return tail[: k + 1], tail[k + 6 :]
+    raise StreamError("the device tail does not end with the EOF marker (00) followed by "
+                      "nothing or by a whole vmdesc (06, be32 length, JSON)")
+
+
+def tail_complete(tail: bytes) -> bool:
+    """Whether ``tail`` ends with EOF + a whole, parseable vmdesc (for the return path, where
+    the source waits for SHUT before closing)."""
+    if not tail.endswith(b"}"):
+        return False
+    try:
+        _, desc = split_tail(tail)
+        if desc is None:
+            return False
+        json.loads(desc)
+    except (StreamError, ValueError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def encode_header() -> bytes:
+    return _BE32.pack(MAGIC) + _BE32.pack(VERSION)
+
+
+def encode_configuration(machine: str, *, capabilities: tuple[str, ...] = (),
+                         uuid: bytes | None = None) -> bytes:
+    raw = machine.encode()
+    out = bytes([CONFIGURATION]) + _BE32.pack(len(raw)) + raw
+    if capabilities:
+        body = _BE32.pack(len(capabilities)) + b"".join(_str8(c) for c in capabilities)
+        out += _subsection("configuration/capabilities", body)
+    if uuid is not None:
+        out += _subsection("configuration/uuid", uuid)
+    return out
+
+
+def _subsection(name: str, body: bytes) -> bytes:
+    return bytes([SUBSECTION]) + _str8(name) + _BE32.pack(1) + body
+
+
+def _str8(s: str) -> bytes:
+    raw = s.encode()
+    if len(raw) > 255:
+        raise MultiFDError(f"name {s!r} longer than 255 bytes")
+    return bytes([len(raw)]) + raw
+
+
+def encode_command(cmd: int, data: bytes = b"") -> bytes:
+    return _CMD.pack(COMMAND, cmd, len(data)) + data
+
+
+def encode_section_start(section_id: int, idstr: str = RAM_IDSTR, instance_id: int = 0,
+                         version: int = RAM_VERSION, kind: int = SECTION_START) -> bytes:
+    return (bytes([kind]) + _BE32.pack(section_id) + _str8(idstr) + _BE32.pack(instance_id)
+            + _BE32.pack(version))
+
+
+def encode_section_short(kind: int, section_id: int) -> bytes:
+    return bytes([kind]) + _BE32.pack(section_id)
+
+
+def encode_footer(section_id: int) -> bytes:
+    return bytes([FOOTER]) + _BE32.pack(section_id)
+
+
+def encode_mem_size(blocks: list[BlockInfo] | tuple[BlockInfo, ...]) -> bytes:
+    total = sum(b.length for b in blocks)
+    out = [_BE64.pack(total | FLAG_MEM_SIZE)]
+    for b in blocks:
+        out.append(_str8(b.name) + _BE64.pack(b.length))
+        if b.addr is not None:
+            out.append(_BE64.pack(b.addr))
+    return b"".join(out)
+
+
+def encode_flag(flag: int) -> bytes:
+    return _BE64.pack(flag)
+
+
+def encode_page(offset: int, block: str | None, data: bytes | None) -> bytes:
+    """A ZERO (data None) or PAGE record; ``block`` None sets CONTINUE."""
+    flags = FLAG_ZERO if data is None else FLAG_PAGE
+    if block is None:
+        flags |= FLAG_CONTINUE
+    out = _BE64.pack(offset | flags) + (b"" if block is None else _str8(block))
+    return out + (b"\0" if data is None else bytes(data))
+
+
+def ram_start_section(section_id: int, blocks: list[BlockInfo] | tuple[BlockInfo, ...], *,
+                      flush: bool) -> bytes:
+    """RAM START: MEM_SIZE + block list [+ MULTIFD_FLUSH] + EOS + footer."""
+    return (encode_section_start(section_id) + encode_mem_size(blocks)
+            + (encode_flag(FLAG_MULTIFD_FLUSH) if flush else b"") + encode_flag(FLAG_EOS)
+            + encode_footer(section_id))
+
+
+def ram_end_section(section_id: int, *, flush: bool, kind: int = SECTION_END) -> bytes:
+    """RAM END (or PART): [MULTIFD_FLUSH +] EOS + footer."""
+    return (encode_section_short(kind, section_id)
+            + (encode_flag(FLAG_MULTIFD_FLUSH) if flush else b"") + encode_flag(FLAG_EOS)
+            + encode_footer(section_id))
+
+
+def encode_return_path(msg_type: int, data: bytes) -> bytes:
+    return _BE16.pack(msg_type) + _BE16.pack(len(data)) + data
+
+
+def pong(value: bytes) -> bytes:
+    return encode_return_path(RP_PONG, value)
+
+
+def shut(status: int = 0) -> bytes:
+    return encode_return_path(RP_SHUT, _BE32.pack(status))

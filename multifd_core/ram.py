@@ -1,0 +1,125 @@
+"""RAM blocks: a name, a buffer of ``used_length`` bytes, and a page size."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multifd_core.errors import MultiFDError
+from multifd_core.wire import RAMBLOCK_NAME_LEN, check_page_size
+
+
+class RamBlock:
+    """A named RAM block over any buffer (bytes, bytearray, mmap, numpy array).
+
+    ``array`` is a flat uint8 view, ``pages`` a ``(n_pages, page_size)`` view and ``words`` a
+    ``(n_pages, page_size // 8)`` uint64 view, all without copying.
+    """
+
+    def __init__(self, name: str, buffer: Any, *, page_size: int = 4096,
+                 used_length: int | None = None) -> None:
+        raw = name.encode()
+        if not raw or len(raw) >= RAMBLOCK_NAME_LEN or b"\0" in raw:
+            raise MultiFDError(f"ramblock name {name!r} must be 1 to 255 bytes with no NUL")
+        check_page_size(page_size)
+        array = np.frombuffer(buffer, dtype=np.uint8) if len(memoryview(buffer).cast("B")) \
+            else np.zeros(0, dtype=np.uint8)
+        length = len(array) if used_length is None else used_length
+        if length % page_size or length > len(array):
+            raise MultiFDError(
+                f"ramblock {name}: used length {length} must be a multiple of the page size "
+                f"{page_size} and at most the buffer size {len(array)}")
+        self.name = name
+        self.page_size = page_size
+        self.used_length = length
+        self.array = array[:length]
+        self.writable = bool(self.array.flags.writeable)
+        self._owner = buffer
+        self._closers: list[Any] = []
+
+    @property
+    def n_pages(self) -> int:
+        return self.used_length // self.page_size
+
+    @property
+    def pages(self) -> np.ndarray:
+        return self.array.reshape(self.n_pages, self.page_size)
+
+    @property
+    def words(self) -> np.ndarray:
+        return self.array.view(np.uint64).reshape(self.n_pages, self.page_size // 8)
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        view = memoryview(self.array)
+        step = 64 << 20
+        for start in range(0, self.used_length, step):
+            digest.update(view[start : start + step])
+        return digest.hexdigest()
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], name: str | None = None, *,
+                  page_size: int = 4096) -> RamBlock:
+        """A read-only block mapped from ``path`` (its length must be whole pages)."""
+        p = Path(path)
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError as exc:
+            raise MultiFDError(f"cannot read {p}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size % page_size:
+                raise MultiFDError(f"{p}: size {size} is not a multiple of the page size "
+                                   f"{page_size}")
+            buf: Any = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else b""
+        finally:
+            os.close(fd)
+        block = cls(name or p.name, buf, page_size=page_size)
+        if size:
+            block._closers.append(buf)
+        return block
+
+    @classmethod
+    def create_file(cls, path: str | os.PathLike[str], name: str, length: int, *,
+                    page_size: int = 4096) -> RamBlock:
+        """A writable block backed by a new sparse file of ``length`` bytes (reads as zero)."""
+        p = Path(path)
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, length)
+            buf: Any = mmap.mmap(fd, length, access=mmap.ACCESS_WRITE) if length else bytearray()
+        finally:
+            os.close(fd)
+        block = cls(name, buf, page_size=page_size)
+        if length:
+            block._closers.append(buf)
+        return block
+
+    @classmethod
+    def zeros(cls, name: str, length: int, *, page_size: int = 4096) -> RamBlock:
+        return cls(name, bytearray(length), page_size=page_size)
+
+    def flush(self) -> None:
+        for c in self._closers:
+            if isinstance(c, mmap.mmap):
+                c.flush()
+
+    def close(self) -> None:
+        """Release the mapping (views of this block must be gone)."""
+        self.array = np.zeros(0, dtype=np.uint8)
+        for c in self._closers:
+            try:
+                c.close()
+            except BufferError:
+                pass  # a view still lives; the mapping goes with it
+        self._closers.clear()
+
+    def __repr__(self) -> str:
+        return f"RamBlock({self.name!r}, {self.used_length} bytes, page {self.page_size})"

@@ -1,0 +1,387 @@
+"""The receiving side of the engine: one thread per channel, QEMU's sync barrier.
+
+Each channel thread reads a packet header, validates it (wire.validate_ram_packet), applies
+the zero pages, lets the method decode the payload straight into the destination block and, on
+a SYNC packet, reports to the main loop and blocks until ``sync_round()`` releases every
+channel. Zero pages are written only over pages already received (fresh memory is zero),
+unless ``fresh=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from multifd_core.context import ChannelContext, RecvPacket
+from multifd_core.errors import MultiFDError, TransportError, WireError
+from multifd_core.method import Method
+from multifd_core.pages import offsets_to_index, page_runs
+from multifd_core.ram import RamBlock
+from multifd_core.registry import bind
+from multifd_core.sockio import PeerClosed, recv_into_all, recvmsg_into_all
+from multifd_core.wire import (
+    DEVICE_STATE_LEN,
+    FLAG_DEVICE_STATE,
+    FLAG_SYNC,
+    HEADER_LEN,
+    INIT_LEN,
+    InitPacket,
+    decode_device_state,
+    decode_header,
+    decode_init,
+    decode_ram_packet,
+    ram_packet_len,
+    validate_device_state,
+    validate_init,
+    validate_ram_packet,
+)
+
+log = logging.getLogger("multifd.receiver")
+_POLL = 0.2
+
+
+@dataclass
+class RecvChannelStats:
+    packets: int = 0
+    sync_packets: int = 0
+    normal_pages: int = 0
+    zero_pages: int = 0
+    payload_bytes: int = 0
+    wire_bytes: int = 0
+    max_packet_num: int = 0
+
+
+@dataclass
+class _Target:
+    block: RamBlock
+    received: np.ndarray = field(repr=False)
+
+
+DeviceStateHandler = Callable[[str, int, memoryview], None]
+
+
+class Receiver:
+    """Receives one session's multifd channels into RAM blocks."""
+
+    def __init__(self, method: Method, *, channels: int, page_size: int = 4096,
+                 uuid: bytes = bytes(16), timeout: float | None = 60.0, fresh: bool = True,
+                 on_device_state: DeviceStateHandler | None = None) -> None:
+        if not 1 <= channels <= 255:
+            raise MultiFDError(f"channel count {channels} out of range 1..255")
+        self.method = method
+        self.hooks = bind(method)
+        self.channels = channels
+        self.page_size = page_size
+        self.uuid = uuid
+        self.timeout = timeout
+        self.fresh = fresh
+        self.on_device_state = on_device_state
+        self._targets: dict[bytes, _Target] = {}
+        self._blocks_ready = threading.Event()
+        self._arrived = threading.Semaphore(0)
+        self._release = [threading.Semaphore(0) for _ in range(channels)]
+        self._lock = threading.Lock()
+        self._seen: set[int] = set()
+        self._threads: dict[int, threading.Thread] = {}
+        self._socks: dict[int, socket.socket] = {}
+        self.stats = [RecvChannelStats() for _ in range(channels)]
+        self._error: BaseException | None = None
+        self._finished = False
+        self.rounds = 0
+
+    # ------------------------------------------------------------------ set-up
+
+    def set_blocks(self, blocks: Iterable[RamBlock]) -> None:
+        """Declare the destination blocks; channel threads apply pages only after this."""
+        for b in blocks:
+            if b.page_size != self.page_size:
+                raise MultiFDError(f"ramblock {b.name}: page size {b.page_size}, session "
+                                   f"{self.page_size}")
+            if not b.writable:
+                raise MultiFDError(f"ramblock {b.name} is not writable")
+            self._targets[b.name.encode()] = _Target(b, np.zeros(b.n_pages, dtype=bool))
+        self._blocks_ready.set()
+
+    def read_init(self, sock: socket.socket) -> InitPacket:
+        buf = bytearray(INIT_LEN)
+        sock.settimeout(self.timeout)
+        try:
+            recv_into_all(sock, buf, "the channel init packet")
+        except TimeoutError:
+            raise TransportError("timed out reading a channel init packet") from None
+        return decode_init(buf)
+
+    def accept_channel(self, sock: socket.socket, init: InitPacket | None = None) -> int:
+        """Validate a channel's init packet (read here unless given) and start its thread."""
+        if init is None:
+            init = self.read_init(sock)
+        with self._lock:
+            validate_init(init, uuid=self.uuid, channels=self.channels, seen=self._seen)
+            cid = init.channel_id
+            self._seen.add(cid)
+            self._socks[cid] = sock
+            sock.settimeout(self.timeout)
+            t = threading.Thread(target=self._run, args=(cid, sock),
+                                 name=f"multifd-recv-{cid}", daemon=True)
+            self._threads[cid] = t
+        t.start()
+        return cid
+
+    @property
+    def connected(self) -> int:
+        return len(self._threads)
+
+    # ------------------------------------------------------------------ errors
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+        for s in list(self._socks.values()):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for sem in self._release:
+            sem.release()
+        self._arrived.release()
+        self._blocks_ready.set()
+
+    abort = fail
+
+    def check(self) -> None:
+        err = self._error
+        if err is not None:
+            if isinstance(err, MultiFDError):
+                raise err
+            raise MultiFDError(f"channel failed: {err!r}") from err
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    # ------------------------------------------------------------------ main-loop side
+
+    def sync_round(self, timeout: float | None = None) -> int:
+        """QEMU's barrier: wait for one SYNC from every channel, then release them all.
+
+        Returns the largest packet number seen so far."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _ in range(self.channels):
+            while not self._arrived.acquire(timeout=_POLL):
+                self.check()
+                if deadline is not None and time.monotonic() > deadline:
+                    missing = self.channels - self.connected
+                    raise TransportError(
+                        f"timed out after {timeout} s waiting for SYNC on every channel "
+                        f"(round {self.rounds + 1}; {missing} channel(s) never connected)")
+            self.check()
+        self.rounds += 1
+        for sem in self._release:
+            sem.release()
+        return max(s.max_packet_num for s in self.stats)
+
+    def finish(self, timeout: float | None = None) -> list[RecvChannelStats]:
+        """Wait until every channel has reached EOF; raise the first channel error."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.connected < self.channels:
+            self.check()
+            raise TransportError(f"only {self.connected} of {self.channels} channels connected")
+        for t in list(self._threads.values()):
+            while t.is_alive():
+                t.join(_POLL)
+                self.check()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TransportError(f"timed out after {timeout} s waiting for the channels "
+                                         "to end")
+        self.check()
+        self._finished = True
+        return self.stats
+
+    def release_all(self) -> None:
+        """Release channels blocked at an unpaired trailing SYNC (QEMU 9.0–9.2 sources)."""
+        for sem in self._release:
+            sem.release()
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            try:
+                s.close()
+            except OSError:
+                pass
+        for t in self._threads.values():
+            t.join(5)
+
+    # ------------------------------------------------------------------ channel threads
+
+    def _run(self, cid: int, sock: socket.socket) -> None:
+        ctx = ChannelContext(cid, self.page_size)
+        setup = False
+        try:
+            self.hooks.recv_setup(channel=ctx)
+            setup = True
+            self._loop(cid, sock, ctx)
+        except BaseException as exc:
+            if isinstance(exc, WireError):
+                exc.on_channel(cid)
+            elif isinstance(exc, TimeoutError):
+                exc = TransportError(f"channel {cid}: no data for {self.timeout} s")
+            elif isinstance(exc, OSError) and self._error is None:
+                exc = TransportError(f"channel {cid}: {exc}")
+            elif isinstance(exc, TransportError) and not str(exc).startswith("channel"):
+                exc = TransportError(f"channel {cid}: {exc}")
+            if self._error is None:
+                log.debug("channel %d failed: %s", cid, exc)
+            self.fail(exc)
+        finally:
+            if setup:
+                try:
+                    self.hooks.recv_cleanup(channel=ctx)
+                except Exception as exc:
+                    self.fail(exc)
+
+    def _loop(self, cid: int, sock: socket.socket, ctx: ChannelContext) -> None:
+        ps = self.page_size
+        plen = ram_packet_len(ps)
+        buf = bytearray(plen)
+        view = memoryview(buf)
+        payload_buf = bytearray(0)
+        st = self.stats[cid]
+        code = self.method.code
+        while True:
+            try:
+                recv_into_all(sock, view[:HEADER_LEN], "a packet header")
+            except PeerClosed as exc:
+                if exc.at_boundary:
+                    return  # normal end
+                raise WireError("multifd: unexpected EOF in packet header", field="header",
+                                received="EOF", expected=f"{HEADER_LEN} bytes") from None
+            if self._error is not None:
+                return
+            flags = decode_header(view[:HEADER_LEN])
+            if flags & FLAG_DEVICE_STATE:
+                self._device_state(sock, view, st)
+                continue
+            try:
+                recv_into_all(sock, view[HEADER_LEN:plen], "a packet")
+            except PeerClosed:
+                raise WireError("multifd: unexpected EOF after packet header", field="packet",
+                                received="EOF", expected=f"{plen} bytes") from None
+            pkt = decode_ram_packet(view, ps)
+            validate_ram_packet(pkt, page_size=ps, block_length=self._block_length,
+                                method_code=code, max_payload=self.method.max_payload)
+            st.wire_bytes += plen + pkt.next_packet_size
+            st.max_packet_num = max(st.max_packet_num, pkt.packet_num)
+            if pkt.normal_pages or pkt.zero_pages:
+                self._wait_blocks()
+                target = self._targets[_name(pkt.ramblock)]
+                pages = target.block.pages
+                if pkt.zero_pages:
+                    zidx = offsets_to_index(pkt.zero_offsets, ps)
+                    todo = zidx[target.received[zidx]] if self.fresh else zidx
+                    if len(todo):
+                        pages[todo] = 0
+                    target.received[zidx] = True
+                if pkt.normal_pages:
+                    nidx = offsets_to_index(pkt.normal_offsets, ps)
+                    if len(np.unique(nidx)) != len(nidx):
+                        raise WireError("multifd: packet names a page twice", field="offset",
+                                        received="a repeated offset", expected="distinct offsets")
+                    if len(payload_buf) < pkt.next_packet_size:
+                        payload_buf = bytearray(pkt.next_packet_size)
+                    self._decode(sock, ctx, pkt, target, nidx, payload_buf)
+                    target.received[nidx] = True
+                st.packets += 1
+                st.normal_pages += pkt.normal_pages
+                st.zero_pages += pkt.zero_pages
+                st.payload_bytes += pkt.next_packet_size
+            if pkt.is_sync:
+                st.sync_packets += 1
+                self._arrived.release()
+                while not self._release[cid].acquire(timeout=_POLL):
+                    if self._error is not None:
+                        return
+                if self._error is not None:
+                    return
+
+    def _decode(self, sock: socket.socket, ctx: ChannelContext, pkt: Any, target: _Target,
+                nidx: np.ndarray, payload_buf: bytearray) -> None:
+        ps = self.page_size
+        block = target.block
+        n = len(nidx)
+
+        def read(size: int) -> memoryview:
+            mv = memoryview(payload_buf)[:size]
+            try:
+                recv_into_all(sock, mv, "a packet payload")
+            except PeerClosed:
+                raise WireError("multifd: unexpected EOF in packet payload",
+                                field="payload", received="EOF",
+                                expected=f"{size} bytes") from None
+            return mv
+
+        def readinto_pages() -> None:
+            try:
+                recvmsg_into_all(sock, page_runs(block.array, nidx, ps), "a packet payload")
+            except PeerClosed:
+                raise WireError("multifd: unexpected EOF in packet payload", field="payload",
+                                received="EOF", expected=f"{n * ps} bytes") from None
+
+        def write(data: Any) -> None:
+            src = np.frombuffer(data, dtype=np.uint8).reshape(n, ps)
+            first = int(nidx[0])
+            if int(nidx[-1]) - first + 1 == n:
+                block.pages[first : first + n] = src
+            else:
+                block.pages[nidx] = src
+
+        packet = RecvPacket(channel_id=ctx.id, packet_num=pkt.packet_num,
+                            flags=pkt.flags & ~FLAG_SYNC, normal_pages=n,
+                            next_packet_size=pkt.next_packet_size, page_size=ps, read=read,
+                            readinto_pages=readinto_pages, write=write)
+        self.hooks.recv(channel=ctx, packet=packet)
+        if not packet._consumed:
+            raise WireError(f"method {self.method.name} did not read the packet payload",
+                            field="payload", received="unread", expected="read by recv")
+
+    def _device_state(self, sock: socket.socket, view: memoryview,
+                      st: RecvChannelStats) -> None:
+        try:
+            recv_into_all(sock, view[HEADER_LEN:DEVICE_STATE_LEN], "a device state packet")
+        except PeerClosed:
+            raise WireError("multifd: unexpected EOF after packet header", field="packet",
+                            received="EOF", expected=f"{DEVICE_STATE_LEN} bytes") from None
+        pkt = decode_device_state(view[:DEVICE_STATE_LEN])
+        validate_device_state(pkt, max_payload=64 << 20)
+        if self.on_device_state is None:
+            raise WireError("multifd: unexpected device state packet", field="flags",
+                            received=hex(pkt.flags), expected="a RAM packet")
+        data = bytearray(pkt.next_packet_size)
+        recv_into_all(sock, data, "device state")
+        st.wire_bytes += DEVICE_STATE_LEN + len(data)
+        self.on_device_state(pkt.name, pkt.instance_id, memoryview(data))
+
+    def _wait_blocks(self) -> None:
+        while not self._blocks_ready.wait(_POLL):
+            if self._error is not None:
+                break
+        self.check()
+
+    def _block_length(self, name: bytes) -> int | None:
+        if not self._blocks_ready.is_set():
+            self._wait_blocks()
+        t = self._targets.get(name)
+        return None if t is None else t.block.used_length
+
+
+def _name(raw: bytes) -> bytes:
+    return raw.split(b"\0", 1)[0] if b"\0" in raw else raw[:255]
