@@ -33,7 +33,7 @@ def page_runs(block: np.ndarray, index: np.ndarray, page_size: int) -> list[memo
     first = index[starts].tolist()
     last = index[np.asarray(ends) - 1].tolist()
     mv = memoryview(block).cast("B")
-    return [mv[f * page_size : (la + 1) * page_size] for f, la in zip(first, last)]
+    return [mv[f * page_size : (la + 1) * page_size] for f, la in zip(first, last, strict=True)]
 
 
 def offsets_to_index(offsets: np.ndarray, page_size: int) -> np.ndarray:

@@ -193,9 +193,12 @@ class Receiver:
         """Wait until every channel has reached EOF; raise the first channel error."""
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self.connected < self.channels:
+        while self.connected < self.channels:
             self.check()
-            raise TransportError(f"only {self.connected} of {self.channels} channels connected")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TransportError(
+                    f"only {self.connected} of {self.channels} channels connected")
+            time.sleep(0.05)
         for t in list(self._threads.values()):
             while t.is_alive():
                 t.join(_POLL)
@@ -339,7 +342,8 @@ class Receiver:
         def write(data: Any) -> None:
             src = np.frombuffer(data, dtype=np.uint8).reshape(n, ps)
             first = int(nidx[0])
-            if int(nidx[-1]) - first + 1 == n:
+            # QEMU's zero-page split reorders offsets: contiguous only if ascending by one.
+            if int(nidx[-1]) - first + 1 == n and (n == 1 or bool((np.diff(nidx) == 1).all())):
                 block.pages[first : first + n] = src
             else:
                 block.pages[nidx] = src
