@@ -25,7 +25,7 @@ from multifd_core.method import Method
 from multifd_core.pages import offsets_to_index, page_runs
 from multifd_core.ram import RamBlock
 from multifd_core.registry import bind
-from multifd_core.sockio import PeerClosed, recv_into_all, recvmsg_into_all
+from multifd_core.sockio import PeerClosed, recv_into_all, recvmsg_into_all, set_timeout
 from multifd_core.wire import (
     DEVICE_STATE_LEN,
     FLAG_DEVICE_STATE,
@@ -111,7 +111,7 @@ class Receiver:
 
     def read_init(self, sock: socket.socket) -> InitPacket:
         buf = bytearray(INIT_LEN)
-        sock.settimeout(self.timeout)
+        set_timeout(sock, self.timeout)
         try:
             recv_into_all(sock, buf, "the channel init packet")
         except TimeoutError:
@@ -127,7 +127,7 @@ class Receiver:
             cid = init.channel_id
             self._seen.add(cid)
             self._socks[cid] = sock
-            sock.settimeout(self.timeout)
+            set_timeout(sock, self.timeout)
             t = threading.Thread(target=self._run, args=(cid, sock),
                                  name=f"multifd-recv-{cid}", daemon=True)
             self._threads[cid] = t
@@ -334,7 +334,8 @@ class Receiver:
 
         def readinto_pages() -> None:
             try:
-                recvmsg_into_all(sock, page_runs(block.array, nidx, ps), "a packet payload")
+                recvmsg_into_all(sock, page_runs(block.array, nidx, ps), n * ps,
+                                 "a packet payload")
             except PeerClosed:
                 raise WireError("multifd: unexpected EOF in packet payload", field="payload",
                                 received="EOF", expected=f"{n * ps} bytes") from None

@@ -4,7 +4,8 @@ Each entry point is loaded in isolation: one that fails to import, registers not
 was built for another core API, or claims a code already taken is reported in ``failed`` and
 never breaks the host (unless strict mode asks for an error). Environment:
 
-``MULTIFD_PLUGINS``         comma-separated entry-point names to load; empty: load none.
+``MULTIFD_PLUGINS``         comma-separated entry-point names to load; empty: load none;
+                            ``-name`` entries skip a plugin and load the others.
 ``MULTIFD_STRICT_PLUGINS``  ``1``: a plugin that fails to load is an error.
 """
 
@@ -75,8 +76,12 @@ class MethodRegistry:
                  only: Iterable[str] | None = None) -> None:
         if strict is None:
             strict = os.environ.get("MULTIFD_STRICT_PLUGINS", "") not in ("", "0")
+        skip: set[str] = set()
         if only is None and "MULTIFD_PLUGINS" in os.environ:
-            only = [p.strip() for p in os.environ["MULTIFD_PLUGINS"].split(",") if p.strip()]
+            items = [p.strip() for p in os.environ["MULTIFD_PLUGINS"].split(",") if p.strip()]
+            skip = {p[1:] for p in items if p.startswith("-")}
+            chosen = [p for p in items if not p.startswith("-")]
+            only = chosen if chosen or not skip else None
         self.strict = strict
         self._only = None if only is None else set(only)
         self._methods: dict[str, MethodEntry] = {}
@@ -87,7 +92,7 @@ class MethodRegistry:
         if entry_points:
             eps = _entry_points()
             for ep in eps:
-                if self._only is not None and ep.name not in self._only:
+                if (self._only is not None and ep.name not in self._only) or ep.name in skip:
                     continue
                 self._load_entry_point(ep)
             for missing in sorted((self._only or set()) - {ep.name for ep in eps} - {"none"}):

@@ -24,21 +24,21 @@ import numpy as np
 from multifd_core.context import ChannelContext, SendPacket
 from multifd_core.errors import MultiFDError, TransportError
 from multifd_core.method import Method
-from multifd_core.pages import page_runs, zero_mask
+from multifd_core.packetizer import plan_batch
 from multifd_core.ram import RamBlock
 from multifd_core.registry import bind
-from multifd_core.sockio import sendmsg_all
+from multifd_core.sockio import sendmsg_all, set_timeout
 from multifd_core.wire import (
     FLAG_SYNC,
+    RamHeaderWriter,
     encode_init,
-    encode_ram_packet_into,
     encode_sync_packet,
     page_count,
-    ram_packet_len,
 )
 
-_EMPTY = np.zeros(0, dtype=np.int64)
 _POLL = 0.2
+#: Packets per channel job: the batch a channel plans at once.
+BATCH_PACKETS = 16
 
 
 @dataclass
@@ -85,9 +85,8 @@ class _SendChannel(threading.Thread):
         self.sender = sender
         self.sock = sock
         self.ctx = ChannelContext(channel_id, sender.page_size)
-        self.jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.stats = ChannelStats()
-        self.header = bytearray(ram_packet_len(sender.page_size))
+        self._writers: dict[str, RamHeaderWriter] = {}
         self._scratch = bytearray(0)
 
     def scratch(self, n: int) -> memoryview:
@@ -104,19 +103,23 @@ class _SendChannel(threading.Thread):
             if s.send_init:
                 self._write([encode_init(s.uuid, self.ctx.id)])
             while True:
-                job = self.jobs.get()
+                job = s.jobs.get()
                 kind = job[0]
                 if kind == "data":
                     self._send_data(job[1], job[2])
-                    s.idle.put(self)
                 elif kind == "sync":
+                    # One SYNC item per channel: after taking one, a channel waits at the
+                    # barrier until every channel has taken its own.
                     if job[1]:
                         pkt = encode_sync_packet(next(s.packet_num), s.page_size)
                         self._write([pkt])
                         self.stats.sync_packets += 1
                     s.acks.release()
+                    job[2].wait()
                 else:
                     return
+        except threading.BrokenBarrierError:
+            pass
         except BaseException as exc:  # reported to the migration thread
             s.fail(exc, self.ctx.id)
         finally:
@@ -126,46 +129,51 @@ class _SendChannel(threading.Thread):
                 except Exception as exc:
                     s.fail(exc, self.ctx.id)
 
-    def _write(self, buffers: Sequence[Any]) -> None:
+    def _write(self, buffers: Sequence[Any], total: int | None = None) -> None:
         try:
-            self.stats.wire_bytes += sendmsg_all(self.sock, buffers)
+            self.stats.wire_bytes += sendmsg_all(self.sock, buffers, total)
         except TimeoutError:
             raise TransportError(f"channel {self.ctx.id}: the receiver stopped reading "
-                                 f"(no progress for {self.sock.gettimeout()} s)") from None
+                                 f"(no progress for {self.sender.timeout} s)") from None
         except OSError as exc:
             raise TransportError(f"channel {self.ctx.id}: send failed: {exc}") from None
 
     def _send_data(self, block: RamBlock, index: np.ndarray) -> None:
+        """Send a batch of pages of one block as packets of up to PAGE_COUNT pages."""
         s = self.sender
         ps = s.page_size
-        n = len(index)
-        first = int(index[0])
-        contiguous = int(index[-1]) - first + 1 == n
-        if s.detect_zero:
-            words = block.words[first : first + n] if contiguous else block.words[index]
-            zmask = zero_mask(words)
-            if zmask.any():
-                normal, zero = index[~zmask], index[zmask]
-            else:
-                normal, zero = index, _EMPTY
-        else:
-            normal, zero = index, _EMPTY
-        payload: list[Any] = []
-        if len(normal):
-            runs = page_runs(block.array, normal, ps)
-            packet = SendPacket(block.name, ps, block.pages, normal, runs, self.scratch)
-            payload = s.hooks.send_prepare(channel=self.ctx, packet=packet) or []
-        size = sum(memoryview(p).nbytes for p in payload)
-        encode_ram_packet_into(
-            self.header, page_size=ps, flags=s.method.code, packet_num=next(s.packet_num),
-            ramblock=block.name, normal=normal.astype(np.uint64) * np.uint64(ps),
-            zero=zero.astype(np.uint64) * np.uint64(ps), next_packet_size=size)
-        self._write([self.header, *payload])
+        plan = plan_batch(block.array, block.words, index, ps, s.pages_per_packet, s.detect_zero)
+        writer = self._writers.get(block.name)
+        if writer is None:
+            writer = self._writers[block.name] = RamHeaderWriter(ps, s.method.code, block.name)
+        prepare = s.hooks.send_prepare
+        nb, zb, rb = plan.normal_bounds, plan.zero_bounds, plan.run_bounds
         st = self.stats
-        st.packets += 1
-        st.normal_pages += len(normal)
-        st.zero_pages += len(zero)
-        st.payload_bytes += size
+        for p in range(plan.packets):
+            n0, n1 = nb[p], nb[p + 1]
+            payload: list[Any] = []
+            size = 0
+            if n1 > n0:
+                runs = plan.runs[rb[p] : rb[p + 1]]
+                packet = SendPacket(block.name, ps, block.pages, plan.normal[n0:n1], runs,
+                                    self.scratch)
+                payload = prepare(channel=self.ctx, packet=packet)
+                size = (n1 - n0) * ps if payload is runs else _nbytes(payload)
+            header = writer.fill(plan.normal_be[8 * n0 : 8 * n1],
+                                 plan.zero_be[8 * zb[p] : 8 * zb[p + 1]], size,
+                                 next(s.packet_num))
+            self._write([header, *payload], len(header) + size)
+            st.packets += 1
+            st.normal_pages += n1 - n0
+            st.zero_pages += zb[p + 1] - zb[p]
+            st.payload_bytes += size
+
+
+def _nbytes(payload: list[Any]) -> int:
+    total = 0
+    for p in payload:
+        total += p.nbytes if isinstance(p, memoryview) else memoryview(p).nbytes
+    return total
 
 
 class Sender:
@@ -185,7 +193,10 @@ class Sender:
         self.send_init = send_init
         self.timeout = timeout
         self.packet_num = itertools.count(1)
-        self.idle: queue.SimpleQueue[_SendChannel] = queue.SimpleQueue()
+        # Packet jobs; an idle channel takes the next one. Bounded, so a slow link holds back
+        # the migration thread instead of growing a backlog.
+        self.jobs: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=4 * len(sockets))
+        self._barrier: threading.Barrier | None = None
         self.acks = threading.Semaphore(0)
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
@@ -193,9 +204,7 @@ class Sender:
         self._closed = False
         self.channels = [_SendChannel(self, i, sock) for i, sock in enumerate(sockets)]
         for ch in self.channels:
-            sock = ch.sock
-            sock.settimeout(timeout)
-            self.idle.put(ch)
+            set_timeout(ch.sock, timeout)
             ch.start()
 
     # ------------------------------------------------------------------ errors
@@ -204,6 +213,8 @@ class Sender:
         with self._error_lock:
             if self._error is None:
                 self._error = exc
+        if self._barrier is not None:
+            self._barrier.abort()
         for ch in self.channels:
             _shutdown(ch.sock)
 
@@ -238,16 +249,30 @@ class Sender:
                                f"the session {self.page_size}")
         if len(index) and (int(index.min()) < 0 or int(index.max()) >= block.n_pages):
             raise MultiFDError(f"page index out of range for ramblock {block.name}")
-        step = self.pages_per_packet
+        # Jobs of up to BATCH_PACKETS packets, smaller when there are few, so every channel
+        # gets work.
+        packets = -(-len(index) // self.pages_per_packet)
+        per_job = max(1, min(BATCH_PACKETS, packets // (2 * len(self.channels))))
+        step = per_job * self.pages_per_packet
         for start in range(0, len(index), step):
-            ch = self._wait(lambda t: self.idle.get(timeout=t), "an idle channel")
-            ch.jobs.put(("data", block, index[start : start + step]))
+            self._put(("data", block, index[start : start + step]))
+
+    def _put(self, job: tuple[Any, ...]) -> None:
+        def put(t: float) -> None:
+            try:
+                self.jobs.put(job, timeout=t)
+            except queue.Full:
+                raise queue.Empty from None
+
+        self._wait(put, "an idle channel")
 
     def sync(self, *, local: bool = False) -> None:
         """Every channel finishes its queued packets; with ``local=False`` each then writes one
         SYNC packet (QEMU's MULTIFD_SYNC_ALL). Returns when all channels have done so."""
-        for ch in self.channels:
-            ch.jobs.put(("sync", not local))
+        barrier = threading.Barrier(len(self.channels))
+        self._barrier = barrier
+        for _ in self.channels:
+            self._put(("sync", not local, barrier))
         for _ in self.channels:
             self._wait(lambda t: self.acks.acquire(timeout=t) or _raise_empty(),
                        "the channels to sync")
@@ -256,8 +281,8 @@ class Sender:
         """Stop the channel threads, half-close the sockets (EOF at a packet boundary)."""
         if not self._closed:
             self._closed = True
-            for ch in self.channels:
-                ch.jobs.put(("stop",))
+            for _ in self.channels:
+                self._put(("stop",))
             for ch in self.channels:
                 ch.join(self.timeout)
             for ch in self.channels:
@@ -269,8 +294,16 @@ class Sender:
         """Stop at once (error paths): shut the sockets and end the threads."""
         self.fail(MultiFDError("sender aborted"), -1)
         self._closed = True
-        for ch in self.channels:
-            ch.jobs.put(("stop",))
+        while True:  # drop queued work so the threads see their stop at once
+            try:
+                self.jobs.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self.channels:
+            try:
+                self.jobs.put_nowait(("stop",))
+            except queue.Full:
+                break
         for ch in self.channels:
             ch.join(5)
 

@@ -1,14 +1,21 @@
-"""Blocking socket I/O without copies: gather sends and scatter receives that finish the job."""
+"""Blocking socket I/O without copies: gather sends and scatter receives that finish the job.
+
+Sockets are kept in blocking mode with kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO), so one
+``sendmsg`` or ``recvmsg_into(..., MSG_WAITALL)`` normally moves a whole packet; a stalled peer
+surfaces as ``TimeoutError``.
+"""
 
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 from multifd_core.errors import TransportError
 
 _IOV_MAX = 1024
+_WAITALL = socket.MSG_WAITALL
 
 
 class PeerClosed(TransportError):
@@ -17,6 +24,15 @@ class PeerClosed(TransportError):
     def __init__(self, message: str, at_boundary: bool) -> None:
         super().__init__(message)
         self.at_boundary = at_boundary
+
+
+def set_timeout(sock: socket.socket, timeout: float | None) -> None:
+    """Blocking mode, with a kernel timeout on every send and receive (None: wait forever)."""
+    sock.settimeout(None)
+    sec = 0.0 if timeout is None else max(timeout, 0.001)
+    tv = struct.pack("ll", int(sec), int((sec % 1) * 1_000_000))
+    for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+        sock.setsockopt(socket.SOL_SOCKET, opt, tv)
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:
@@ -32,39 +48,60 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return views[i:]
 
 
-def sendmsg_all(sock: socket.socket, buffers: Sequence[Any]) -> int:
-    """Send every buffer with as few ``sendmsg`` calls as the kernel allows (no joining)."""
+def _views(buffers: Sequence[Any]) -> list[memoryview]:
     views = [memoryview(b).cast("B") for b in buffers]
-    views = [v for v in views if v.nbytes]
-    total = sum(v.nbytes for v in views)
-    while views:
-        sent = sock.sendmsg(views[:_IOV_MAX])
-        views = _advance(views, sent)
+    return [v for v in views if v.nbytes]
+
+
+def sendmsg_all(sock: socket.socket, buffers: Sequence[Any], total: int | None = None) -> int:
+    """Send every buffer (one ``sendmsg`` when the kernel takes it all, as it usually does)."""
+    try:
+        if total is not None and len(buffers) <= _IOV_MAX:
+            sent = sock.sendmsg(buffers)
+            if sent == total:
+                return total
+            views = _advance(_views(buffers), sent)
+        else:
+            views = _views(buffers)
+            total = sum(v.nbytes for v in views)
+        while views:
+            sent = sock.sendmsg(views[:_IOV_MAX])
+            views = _advance(views, sent)
+    except BlockingIOError:
+        raise TimeoutError("send timed out") from None
     return total
 
 
 def recv_into_all(sock: socket.socket, buf: memoryview | bytearray, what: str = "data") -> None:
     """Fill ``buf`` completely; ``PeerClosed`` if the peer closes first."""
     view = memoryview(buf).cast("B")
+    want = view.nbytes
     got = 0
-    while got < view.nbytes:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise PeerClosed(f"connection closed after {got} of {view.nbytes} bytes of {what}",
-                             at_boundary=got == 0)
-        got += n
+    try:
+        while got < want:
+            n = sock.recv_into(view[got:], want - got, _WAITALL)
+            if n == 0:
+                raise PeerClosed(f"connection closed after {got} of {want} bytes of {what}",
+                                 at_boundary=got == 0)
+            got += n
+    except BlockingIOError:
+        raise TimeoutError(f"receive timed out ({what})") from None
 
 
-def recvmsg_into_all(sock: socket.socket, buffers: Sequence[Any], what: str = "pages") -> None:
-    """Scatter-receive straight into ``buffers`` until all are full."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    views = [v for v in views if v.nbytes]
-    total = sum(v.nbytes for v in views)
-    got = 0
-    while views:
-        n = sock.recvmsg_into(views[:_IOV_MAX])[0]
-        if n == 0:
-            raise PeerClosed(f"connection closed after {got} of {total} bytes of {what}",
-                             at_boundary=False)
-        got += n
-        views = _advance(views, n)
+def recvmsg_into_all(sock: socket.socket, buffers: Sequence[Any], total: int,
+                     what: str = "pages") -> None:
+    """Scatter-receive straight into ``buffers`` (``total`` bytes) until all are full."""
+    try:
+        got = 0
+        views: list[memoryview] = list(buffers) if len(buffers) <= _IOV_MAX else _views(buffers)
+        while True:
+            n = sock.recvmsg_into(views[:_IOV_MAX], 0, _WAITALL)[0]
+            if n == 0:
+                raise PeerClosed(f"connection closed after {got} of {total} bytes of {what}",
+                                 at_boundary=False)
+            got += n
+            if got >= total:
+                return
+            views = _advance(_views(views), n)
+    except BlockingIOError:
+        raise TimeoutError(f"receive timed out ({what})") from None

@@ -486,11 +486,11 @@ class MainStreamReader:
         seen = 0
         while seen < total:
             name = self._str8()
-            length = self._be(_BE64)
-            addr = self._be(_BE64) if with_addr else None
             if not name:
                 raise self._error('Unknown ramblock "" in the MEM_SIZE list (total '
                                   f"{total:#x}, listed so far {seen:#x})", start)
+            length = self._be(_BE64)
+            addr = self._be(_BE64) if with_addr else None
             if length % self.page_size:
                 raise self._error(f"ramblock {name} length {length:#x} is not a multiple of "
                                   f"the page size", start)

@@ -1,0 +1,76 @@
+"""Cutting a batch of pages into packets, vectorised over the whole batch (sans-IO).
+
+A channel thread takes a batch of up to a few packets' worth of page numbers of one block,
+and ``plan_batch`` computes for all of them at once: the zero-page split, the big-endian
+offsets of every packet, and zero-copy views of each packet's runs of adjacent normal pages.
+Per packet, what is left is slicing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from multifd_core.pages import zero_mask
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+_BE = np.dtype(">u8")
+
+
+@dataclass
+class BatchPlan:
+    normal: np.ndarray  # page numbers of the normal pages, in batch order
+    zero: np.ndarray
+    normal_be: memoryview  # byte offsets, big-endian, 8 bytes each
+    zero_be: memoryview
+    normal_bounds: list[int]  # packet p has normal[normal_bounds[p]:normal_bounds[p + 1]]
+    zero_bounds: list[int]
+    run_bounds: list[int]  # packet p has runs[run_bounds[p]:run_bounds[p + 1]]
+    runs: list[memoryview]
+
+    @property
+    def packets(self) -> int:
+        return len(self.normal_bounds) - 1
+
+
+def plan_batch(block: np.ndarray, words: np.ndarray, index: np.ndarray, page_size: int,
+               per_packet: int, detect_zero: bool = True) -> BatchPlan:
+    """Plan the packets for pages ``index`` of ``block`` (flat uint8; ``words`` its
+    ``(n_pages, page_size // 8)`` uint64 view)."""
+    n = len(index)
+    n_packets = -(-n // per_packet)
+    first = int(index[0])
+    contiguous = int(index[-1]) - first + 1 == n
+    if detect_zero:
+        zmask = zero_mask(words[first : first + n] if contiguous else words[index])
+    else:
+        zmask = np.zeros(n, dtype=bool)
+    packet_of = np.arange(n) // per_packet
+    if zmask.any():
+        keep = ~zmask
+        normal, zero = index[keep], index[zmask]
+        normal_packet, zero_packet = packet_of[keep], packet_of[zmask]
+    else:
+        normal, zero = index, _EMPTY
+        normal_packet, zero_packet = packet_of, _EMPTY
+    edges = np.arange(n_packets + 1)
+    normal_bounds = np.searchsorted(normal_packet, edges).tolist()
+    zero_bounds = np.searchsorted(zero_packet, edges).tolist()
+    # Runs: consecutive page numbers within one packet.
+    if len(normal):
+        brk = np.flatnonzero((np.diff(normal) != 1) | (np.diff(normal_packet) != 0)) + 1
+        starts = np.concatenate(([0], brk))
+        ends = np.concatenate((brk, [len(normal)]))
+        lo = (normal[starts] * page_size).tolist()
+        hi = ((normal[ends - 1] + 1) * page_size).tolist()
+        mv = memoryview(block).cast("B")
+        runs = [mv[a:b] for a, b in zip(lo, hi, strict=True)]
+        run_bounds = np.searchsorted(starts, normal_bounds).tolist()
+    else:
+        runs, run_bounds = [], [0] * (n_packets + 1)
+    ps = np.uint64(page_size)
+    normal_be = memoryview((normal.astype(np.uint64) * ps).astype(_BE)).cast("B")
+    zero_be = memoryview((zero.astype(np.uint64) * ps).astype(_BE)).cast("B")
+    return BatchPlan(normal, zero, normal_be, zero_be, normal_bounds, zero_bounds, run_bounds,
+                     runs)

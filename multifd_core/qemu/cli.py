@@ -1,0 +1,116 @@
+"""``multifd qemu capture`` and ``multifd qemu replay``: registered by the main CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid as uuidlib
+from typing import Any
+
+from multifd_core.errors import MultiFDError
+from multifd_core.transport import parse_address
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _uuid(text: str) -> bytes:
+    try:
+        return uuidlib.UUID(text).bytes
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
+
+
+def add_qemu_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``qemu`` command group with ``capture`` and ``replay``."""
+    q = subparsers.add_parser("qemu", help="interoperate with a real QEMU 10.0 migration")
+    qsub = q.add_subparsers(dest="qemu_command", required=True)
+
+    c = qsub.add_parser("capture", help="be the destination of a QEMU multifd migration and "
+                                        "save its RAM blocks and device state")
+    c.add_argument("--listen", default="tcp:127.0.0.1:4444", metavar="tcp:HOST:PORT",
+                   help="address to listen on (host defaults to 127.0.0.1; port 0 picks one)")
+    c.add_argument("--channels", "-n", type=int, default=2,
+                   help="the source's multifd-channels (1..255)")
+    c.add_argument("--compression", "-c", default="none", metavar="METHOD",
+                   help="the source's multifd-compression")
+    c.add_argument("--out", required=True, metavar="DIR")
+    c.add_argument("--uuid", type=_uuid, default=None,
+                   help="require this source -uuid in the channel init packets "
+                        "(default: accept the first channel's)")
+    c.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds without progress before giving up")
+    c.add_argument("--allow-remote", action="store_true",
+                   help="allow listening on a non-loopback address")
+    c.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    c.set_defaults(func=cmd_capture)
+
+    r = qsub.add_parser("replay", help="send a capture to a QEMU destination started with "
+                                       "-incoming")
+    r.add_argument("dir", metavar="DIR")
+    r.add_argument("address", metavar="tcp:HOST:PORT")
+    r.add_argument("--channels", "-n", type=int, default=2,
+                   help="the destination's multifd-channels")
+    r.add_argument("--compression", "-c", default="none", metavar="METHOD",
+                   help="the destination's multifd-compression (any method, whatever the "
+                        "capture used)")
+    r.add_argument("--level", type=int, default=None)
+    r.add_argument("--uuid", type=_uuid, default=bytes(16),
+                   help="the destination's -uuid (default: none, all zeros)")
+    r.add_argument("--switchover-start", choices=("auto", "on", "off"), default="auto",
+                   help="send SWITCHOVER_START before RAM END (auto: as captured)")
+    r.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
+    r.add_argument("--timeout", type=float, default=60.0)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_replay)
+    return q
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from multifd_core.qemu.capture import QemuCapture
+
+    addr = parse_address(args.listen)
+    if addr.kind != "tcp":
+        raise MultiFDError("qemu capture listens on tcp:HOST:PORT only")
+    if addr.host not in LOOPBACK and not args.allow_remote:
+        raise MultiFDError(f"refusing to listen on {addr.host}: capture listens on loopback "
+                           "unless --allow-remote is given")
+    cap = QemuCapture(args.out, channels=args.channels, method=args.compression,
+                      uuid=args.uuid, timeout=args.timeout)
+    host, port = cap.listen(addr.host, addr.port)
+    print(f"multifd: listening on tcp:{host}:{port}", file=sys.stderr, flush=True)
+    manifest = cap.run()
+    if args.json:
+        print(json.dumps(manifest))
+        return 0
+    st = manifest["statistics"]
+    print(f"captured {manifest['machine']} ({manifest['sync_mode']}, {manifest['method']}, "
+          f"{manifest['channels']} channels): {len(manifest['blocks'])} blocks, "
+          f"{sum(b['length'] for b in manifest['blocks']) / 2**20:.1f} MiB RAM, "
+          f"{st['normal_pages']} normal + {st['zero_pages']} zero pages, "
+          f"{st['sync_rounds']} sync rounds, device state {manifest['tail']['device_bytes']} B, "
+          f"{st['seconds']:.3f} s -> {args.out}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from multifd_core.qemu.replay import load_capture, replay
+
+    addr = parse_address(args.address)
+    if addr.kind != "tcp":
+        raise MultiFDError("qemu replay connects to tcp:HOST:PORT only")
+    capture = load_capture(args.dir, verify=not args.no_verify)
+    sw = {"auto": None, "on": True, "off": False}[args.switchover_start]
+    try:
+        stats = replay(capture, addr, channels=args.channels, method=args.compression,
+                       level=args.level, uuid=args.uuid, timeout=args.timeout,
+                       switchover_start=sw)
+    finally:
+        capture.close()
+    if args.json:
+        print(json.dumps(stats.as_dict()))
+        return 0
+    print(f"replayed {capture.manifest['machine']} to {addr} with {args.compression} on "
+          f"{args.channels} channels: {stats.normal_pages} normal + {stats.zero_pages} zero "
+          f"pages, wire {stats.wire_bytes / 2**20:.1f} MiB, {stats.seconds:.3f} s")
+    return 0

@@ -1,0 +1,187 @@
+"""Replay a capture into a real QEMU destination started with ``-incoming``.
+
+The main stream is rebuilt: the captured header and configuration, a synthetic RAM START
+(MEM_SIZE block list [+ MULTIFD_FLUSH] + EOS), optionally SWITCHOVER_START, a RAM END
+([MULTIFD_FLUSH +] EOS), then the captured device tail verbatim. Every page goes through the
+multifd channels (the engine's ``Sender``; zero pages as zero entries), between two SYNC rounds
+that pair with the two sync points of the rebuilt stream: the FLUSHes in per-round mode, the
+START and END EOS in per-section mode (mirroring the capture).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from multifd_core.errors import MultiFDError, TransportError
+from multifd_core.method import MethodOptions
+from multifd_core.qemu import stream as qs
+from multifd_core.qemu.capture import MANIFEST_FORMAT
+from multifd_core.ram import RamBlock
+from multifd_core.registry import MethodRegistry, default_registry
+from multifd_core.sender import Sender
+from multifd_core.transport import Address, connect
+
+
+class ReplayError(MultiFDError):
+    """The capture cannot be replayed, or the destination went away."""
+
+
+@dataclass
+class Capture:
+    """A capture directory, loaded and checked."""
+
+    path: Path
+    manifest: dict[str, Any]
+    prefix: bytes
+    tail: bytes
+    blocks: list[RamBlock]
+
+    @property
+    def per_section(self) -> bool:
+        return self.manifest["sync_mode"] == "per-section"
+
+    def close(self) -> None:
+        for b in self.blocks:
+            b.close()
+
+
+def load_capture(path: str | Path, *, verify: bool = True) -> Capture:
+    """Read ``manifest.json`` and its files; with ``verify``, check every sha256."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ReplayError(f"{path}: no manifest.json (not a finished capture)") from None
+    except json.JSONDecodeError as exc:
+        raise ReplayError(f"{path}/manifest.json: {exc}") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ReplayError(f"{path}: manifest format {manifest.get('format')!r}, expected "
+                          f"{MANIFEST_FORMAT!r} (made by `multifd qemu capture`)")
+    page_size = int(manifest.get("page_size", 4096))
+    prefix = _read_checked(path, manifest["prefix"], verify)
+    tail = _read_checked(path, manifest["tail"], verify)
+    qs.split_tail(tail)  # the tail must end with EOF (+ vmdesc)
+    blocks = []
+    for entry in manifest["blocks"]:
+        block = RamBlock.from_file(path / entry["file"], entry["name"], page_size=page_size)
+        if block.used_length != entry["length"]:
+            raise ReplayError(f"{entry['file']}: {block.used_length} bytes, manifest says "
+                              f"{entry['length']}")
+        if verify and block.sha256() != entry["sha256"]:
+            raise ReplayError(f"{entry['file']}: sha256 differs from the manifest")
+        blocks.append(block)
+    return Capture(path, manifest, prefix, tail, blocks)
+
+
+def _read_checked(path: Path, entry: dict[str, Any], verify: bool) -> bytes:
+    data = (path / entry["file"]).read_bytes()
+    if len(data) != entry["length"] or (
+            verify and hashlib.sha256(data).hexdigest() != entry["sha256"]):
+        raise ReplayError(f"{path / entry['file']}: length or sha256 differs from the manifest")
+    return data
+
+
+@dataclass
+class ReplayStats:
+    seconds: float
+    main_bytes: int
+    wire_bytes: int
+    normal_pages: int
+    zero_pages: int
+    packets_per_channel: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def replay(capture: Capture, address: Address, *, channels: int, method: str = "none",
+           level: int | None = None, uuid: bytes = bytes(16), timeout: float = 60.0,
+           switchover_start: bool | None = None,
+           registry: MethodRegistry | None = None) -> ReplayStats:
+    """Send ``capture`` to a QEMU destination listening at ``address``.
+
+    ``uuid`` is the destination's ``-uuid`` (zeros when it has none): QEMU checks the channel
+    init packets against its own UUID, not the captured source's.
+    """
+    registry = registry or default_registry()
+    page_size = int(capture.manifest.get("page_size", 4096))
+    meth = registry.create(method, MethodOptions(page_size=page_size, level=level))
+    sid = int(capture.manifest.get("ram_section_id", 1))
+    flush = not capture.per_section
+    if switchover_start is None:
+        switchover_start = bool(capture.manifest.get("switchover_start"))
+    infos = [qs.BlockInfo(b.name, b.used_length) for b in capture.blocks]
+    t0 = time.perf_counter()
+    main = connect(address, timeout=timeout)
+    socks: list[socket.socket] = [main]
+    sender: Sender | None = None
+    main_bytes = 0
+
+    def send_main(data: bytes) -> None:
+        nonlocal main_bytes
+        try:
+            main.sendall(data)
+        except OSError as exc:
+            raise TransportError(f"the destination closed the main connection ({exc}); see "
+                                 "its query-migrate error-desc") from None
+        main_bytes += len(data)
+
+    try:
+        main.settimeout(timeout)
+        send_main(capture.prefix)  # at once: the destination peeks the first bytes
+        for _ in range(channels):
+            socks.append(connect(address, timeout=timeout))
+        sender = Sender(meth, socks[1:], page_size=page_size, uuid=uuid, timeout=timeout)
+        send_main(qs.ram_start_section(sid, infos, flush=flush))
+        sender.sync()  # pairs with the START FLUSH (or EOS): no page before load setup
+        for block in capture.blocks:
+            sender.queue_pages(block)
+        sender.sync()  # pairs with the END FLUSH (or EOS)
+        if switchover_start:
+            send_main(qs.encode_command(qs.CMD_SWITCHOVER_START))
+        send_main(qs.ram_end_section(sid, flush=flush))
+        send_main(capture.tail)
+        _wait_eof(main, timeout)
+        stats = sender.close()
+    except BaseException:
+        if sender is not None:
+            err = sender._error
+            sender.abort()
+            if isinstance(err, MultiFDError):
+                raise err from None
+        raise
+    finally:
+        for s in socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+    return ReplayStats(seconds=time.perf_counter() - t0, main_bytes=main_bytes,
+                       wire_bytes=stats.wire_bytes + main_bytes,
+                       normal_pages=stats.normal_pages, zero_pages=stats.zero_pages,
+                       packets_per_channel=stats.packets_per_channel)
+
+
+def _wait_eof(main: socket.socket, timeout: float) -> None:
+    """The destination closes the main socket once it has loaded everything."""
+    deadline = time.monotonic() + timeout
+    main.settimeout(0.5)
+    while True:
+        try:
+            data = main.recv(4096)
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise TransportError(f"the destination did not close the main stream within "
+                                     f"{timeout} s after the device state") from None
+            continue
+        except ConnectionResetError:
+            return
+        if not data:
+            return
+        # A destination with a return path may send messages; nothing to answer in precopy.
