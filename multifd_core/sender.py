@@ -225,7 +225,13 @@ class Sender:
                 raise err
             raise MultiFDError(f"channel failed: {err!r}") from err
 
+    def _progress(self) -> int:
+        return sum(c.stats.wire_bytes for c in self.channels)
+
     def _wait(self, acquire: Callable[[float], Any], what: str) -> Any:
+        """Wait for ``acquire``; fail on a channel error, or after ``timeout`` seconds in which
+        no channel wrote a byte (a slow link that moves is not a stall)."""
+        progress = self._progress()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             self.check()
@@ -233,8 +239,12 @@ class Sender:
                 return acquire(_POLL)
             except queue.Empty:
                 pass
-            if deadline is not None and time.monotonic() > deadline:
-                raise TransportError(f"timed out after {self.timeout} s waiting for {what}")
+            if deadline is not None:
+                now = self._progress()
+                if now != progress:
+                    progress, deadline = now, time.monotonic() + self.timeout
+                elif time.monotonic() > deadline:
+                    raise TransportError(f"no progress for {self.timeout} s waiting for {what}")
 
     # ------------------------------------------------------------------ the migration thread
 

@@ -363,7 +363,8 @@ class MethodConformance:
         require(cpus >= 2, f"the GIL check needs 2 CPUs, this process has {cpus}")
         for engine in self.available_engines():
             overlap, ratio, wall = gil_overlap(lambda e=engine.name: self.method(engine=e),
-                                               self.page_size)
+                                               self.page_size,
+                                               threshold=self.gil_min_overlap)
             assert overlap >= self.gil_min_overlap, (
                 f"engine {engine.name}: two channels in two threads used {overlap:.2f} CPUs "
                 f"over {wall:.3f}s (need {self.gil_min_overlap}; 2 threads vs 1 took "
@@ -409,7 +410,8 @@ class MethodConformance:
 # ---------------------------------------------------------------------- measuring
 
 def gil_overlap(make_method: Callable[[], Method], page_size: int = 4096,
-                seconds: float = 0.3, tries: int = 5) -> tuple[float, float, float]:
+                seconds: float = 0.25, tries: int = 5, threshold: float = 1.3
+                ) -> tuple[float, float, float]:
     """How much two channels in two threads overlap: (overlap, wall ratio, seconds).
 
     Each thread encodes full packets of text-like pages and decodes them again on its own
@@ -419,7 +421,8 @@ def gil_overlap(make_method: Callable[[], Method], page_size: int = 4096,
     2.0 when the codec releases the GIL and both run at once, 1.0 when it holds the GIL (a
     thread waiting for the GIL uses no CPU). Unlike the wall time of 2 threads against 1 (also
     returned), it does not depend on how well the two CPUs share caches and memory bandwidth.
-    The best of ``tries`` filters out bursts of other load.
+    The median of up to ``tries`` runs (stopping at a majority on either side of
+    ``threshold``) filters out bursts of other load.
     """
     n = page_count(page_size)
     pages = make_pages("text", n, page_size, np.random.default_rng(1))
@@ -440,15 +443,18 @@ def gil_overlap(make_method: Callable[[], Method], page_size: int = 4096,
     while (elapsed := _run_threads(worker, [units])[0]) < seconds / 4:  # calibrate
         units *= 2
     units = max(units, int(units * seconds / elapsed))
-    best = (0.0, 0.0, 0.0)
-    for _ in range(tries):
+    results: list[tuple[float, float, float]] = []
+    majority = tries // 2 + 1
+    while len(results) < tries:
         t1, cpu1 = _run_threads(worker, [units])
         t2, cpu2 = _run_threads(worker, [units, units])
         # CPUs used at once by 2 threads, per CPU that 1 thread got (other load lowers both)
-        best = max(best, ((cpu2 / t2) / (cpu1 / t1), t2 / t1, t2))
-        if best[0] > 1.6:
+        results.append(((cpu2 / t2) / (cpu1 / t1), t2 / t1, t2))
+        above = sum(r[0] >= threshold for r in results)
+        if above >= majority or len(results) - above >= majority:
             break
-    return best
+    results.sort()
+    return results[len(results) // 2]
 
 
 class _Pipe:

@@ -256,7 +256,9 @@ def decode_ram_packet(buf: bytes | bytearray | memoryview, page_size: int) -> Ra
     (_, _, flags, pages_alloc, normal, next_size, packet_num, zero, _,
      ramblock) = RAM_FIXED.unpack_from(buf)
     decode_header(buf)
-    offsets = np.frombuffer(buf, dtype=_OFFSETS_BE, count=page_count(page_size),
+    # Only the slots the counts use are decoded; counts beyond the packet fail validation.
+    used = min(normal + zero, page_count(page_size))
+    offsets = np.frombuffer(buf, dtype=_OFFSETS_BE, count=used,
                             offset=RAM_FIXED_LEN).astype(np.uint64)
     return RamPacket(flags=flags, pages_alloc=pages_alloc, normal_pages=normal,
                      next_packet_size=next_size, packet_num=packet_num, zero_pages=zero,
@@ -306,14 +308,18 @@ def validate_ram_packet(
                         received=shown, expected="a ramblock of this session")
     used = pkt.offsets[: pkt.normal_pages + pkt.zero_pages]
     limit = length - page_size
-    if used.size and int(used.max()) > limit:
-        bad = int(used[used > limit][0])
-        raise WireError(f"multifd: offset too long {bad} (max {length})", field="offset",
-                        received=bad, expected=f"<= {limit}")
-    if used.size and (used & np.uint64(page_size - 1)).any():
-        bad = int(used[(used & np.uint64(page_size - 1)) != 0][0])
-        raise WireError(f"multifd: offset {bad} is not page aligned", field="offset",
-                        received=bad, expected=f"a multiple of {page_size}")
+    if used.size:
+        # One pass for both checks: an offset too long, or one with low bits set.
+        worst = int(np.bitwise_or.reduce(used & np.uint64(page_size - 1)))
+        if worst or int(used.max()) > limit:
+            too_long = used > limit
+            if too_long.any():
+                bad = int(used[too_long][0])
+                raise WireError(f"multifd: offset too long {bad} (max {length})",
+                                field="offset", received=bad, expected=f"<= {limit}")
+            bad = int(used[(used & np.uint64(page_size - 1)) != 0][0])
+            raise WireError(f"multifd: offset {bad} is not page aligned", field="offset",
+                            received=bad, expected=f"a multiple of {page_size}")
     got = method_bits(pkt.flags)
     if got != method_code:
         raise WireError(f"multifd: flags received {got:x} flags expected {method_code:x}",
