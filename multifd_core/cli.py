@@ -44,17 +44,18 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{'method':<10} {'code':<6} {'levels':<8} {'distribution':<22} {'engines'}")
+    print(f"{'method':<10} {'code':<6} {'levels':<7} {'distribution':<24} status")
     for m in report["methods"]:
         lv = m["levels"]
         levels = "-" if lv is None else f"{lv['min']}-{lv['max']}"
-        engines = ", ".join(
-            f"{e['name']} ({e['kind']}{'' if e['available'] else ': ' + e['reason']})"
-            for e in m["engines"])
         dist = f"{m['distribution']} {m['version']}"
-        print(f"{m['name']:<10} {m['code']:#06x} {levels:<8} {dist:<22} {engines}")
-        if not m["available"]:
-            print(f"{'':<10} unavailable: {m['reason']}")
+        status = "available" if m["available"] else "unavailable"
+        print(f"{m['name']:<10} {m['code']:#04x}   {levels:<7} {dist:<24} {status}")
+        for e in m["engines"]:
+            where = f" [{e['library']}" + (f" {e['library_version']}" if e.get(
+                "library_version") else "") + "]" if e.get("library") else ""
+            state = "ok" if e["available"] else f"off: {e['reason']}"
+            print(f"    engine {e['name']} ({e['kind']}){where}: {state}")
     for f in report["failed"]:
         print(f"failed plugin {f['plugin']} ({f['distribution']}): {f['error']}")
     return 0
