@@ -210,6 +210,11 @@ class Receiver:
         self._finished = True
         return self.stats
 
+    def mark_received(self, block_name: str, index: np.ndarray) -> None:
+        """Record pages written outside the channels (QEMU's main-channel page records), so a
+        later multifd zero page over them writes zeros as QEMU's destination does."""
+        self._targets[block_name.encode()].received[index] = True
+
     def release_all(self) -> None:
         """Release channels blocked at an unpaired trailing SYNC (QEMU 9.0–9.2 sources)."""
         for sem in self._release:
@@ -343,7 +348,7 @@ class Receiver:
             src = np.frombuffer(data, dtype=np.uint8).reshape(n, ps)
             first = int(nidx[0])
             # QEMU's zero-page split reorders offsets: contiguous only if ascending by one.
-            if int(nidx[-1]) - first + 1 == n and (n == 1 or bool((np.diff(nidx) == 1).all())):
+            if int(nidx[-1]) - first + 1 == n and bool((np.diff(nidx) == 1).all()):
                 block.pages[first : first + n] = src
             else:
                 block.pages[nidx] = src

@@ -305,6 +305,7 @@ class QemuCapture:
                         shut_sent = True
                 elif isinstance(ev, qs.RamPage):
                     _apply_main_page(blocks, ev, self.page_size, self.stats)
+                    receiver.mark_received(ev.block, np.array([ev.offset // self.page_size]))
                 elif isinstance(ev, qs.Flush):
                     self.stats.flushes += 1
                     self._sync(receiver)

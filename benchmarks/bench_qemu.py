@@ -1,0 +1,161 @@
+"""QEMU->QEMU vs QEMU->our capture, and our replay->QEMU, on one guest, in one run.
+
+The guest: ``-m 1G`` (pc, paused, RAM in a memory-backend-file) with a 512 MiB mixed region
+(the project's deterministic image: 40% zero, 30% text-like, 30% random pages) placed at 1 MiB
+by QEMU's loader device. For each method and channel count:
+
+* QEMU->QEMU: the source's ``total-time`` (ms) into a QEMU destination;
+* QEMU->capture: the source's ``total-time`` into ``QemuCapture`` (and the capture's own time);
+* replay->QEMU: wall time from connecting until the destination reports ``completed``.
+
+Run: ``.venv/bin/python benchmarks/bench_qemu.py [--mem-mib 1024 --mixed-mib 512]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from multifd_core.image import write_mixed_image
+from multifd_core.qemu.capture import QemuCapture
+from multifd_core.qemu.replay import load_capture, replay
+from multifd_core.qemu.vm import GuestConfig, QemuVM, qemu_missing_reason
+from multifd_core.registry import default_registry
+from multifd_core.transport import parse_address
+
+
+class Bench:
+    def __init__(self, workdir: Path, mem_mib: int, blob: Path) -> None:
+        self.workdir = workdir
+        self.mem_mib = mem_mib
+        self.blob = blob
+
+    def vm(self, name: str, *, incoming: bool = False) -> QemuVM:
+        ram = self.workdir / f"{name}.ram"
+        ram.unlink(missing_ok=True)
+        cfg = GuestConfig(machine="pc", mem_mib=self.mem_mib, ram_file=ram, share=False,
+                          incoming=incoming,
+                          loaders=[] if incoming else [(self.blob, 0x100000)])
+        return QemuVM(self.workdir, name, cfg).start()
+
+    def _incoming(self, dst: QemuVM, channels: int, method: str) -> str:
+        dst.set_migration(channels=channels, compression=method)
+        dst.migrate_incoming("tcp:127.0.0.1:0")
+        assert dst.qmp is not None
+        port = dst.qmp.execute("query-migrate")["socket-address"][0]["port"]
+        return f"tcp:127.0.0.1:{port}"
+
+    def qemu_to_qemu(self, method: str, channels: int) -> dict[str, Any]:
+        src, dst = self.vm("src"), self.vm("dst", incoming=True)
+        try:
+            uri = self._incoming(dst, channels, method)
+            src.set_migration(channels=channels, compression=method)
+            src.migrate(uri)
+            info = src.qmp.wait_migration(timeout=300)
+            dinfo = dst.qmp.wait_migration(timeout=60)
+            assert info["status"] == dinfo["status"] == "completed", (info, dinfo)
+            return {"total_ms": info["total-time"], "mbps": info["ram"]["mbps"],
+                    "transferred": info["ram"]["transferred"]}
+        finally:
+            src.stop()
+            dst.stop()
+
+    def qemu_to_capture(self, method: str, channels: int, out: Path) -> dict[str, Any]:
+        src = self.vm("src")
+        cap = QemuCapture(out, channels=channels, method=method, timeout=120)
+        host, port = cap.listen("127.0.0.1", 0)
+        result: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: result.update(m=cap.run()), daemon=True)
+        try:
+            t.start()
+            src.set_migration(channels=channels, compression=method)
+            src.migrate(f"tcp:{host}:{port}")
+            info = src.qmp.wait_migration(timeout=300)
+            t.join(120)
+            assert info["status"] == "completed" and "m" in result, (info, result)
+            return {"total_ms": info["total-time"], "mbps": info["ram"]["mbps"],
+                    "capture_s": result["m"]["statistics"]["seconds"]}
+        finally:
+            src.stop()
+
+    def replay_to_qemu(self, capdir: Path, method: str, channels: int) -> dict[str, Any]:
+        dst = self.vm("dst", incoming=True)
+        capture = load_capture(capdir, verify=False)
+        try:
+            uri = self._incoming(dst, channels, method)
+            t0 = time.perf_counter()
+            stats = replay(capture, parse_address(uri), channels=channels, method=method,
+                           timeout=120)
+            info = dst.qmp.wait_migration(timeout=60, poll=0.005)
+            wall = time.perf_counter() - t0
+            assert info["status"] == "completed", info
+            return {"total_ms": round(wall * 1000), "wire": stats.wire_bytes}
+        finally:
+            capture.close()
+            dst.stop()
+
+
+def best(run: Any, repeat: int) -> dict[str, Any]:
+    """The fastest of ``repeat`` runs (by total_ms)."""
+    return min((run() for _ in range(max(1, repeat))), key=lambda r: r["total_ms"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mem-mib", type=int, default=1024)
+    p.add_argument("--mixed-mib", type=int, default=512)
+    p.add_argument("--methods", nargs="+", default=["none", "zstd"])
+    p.add_argument("--channels", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--repeat", type=int, default=2, help="runs per cell; the best is shown")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    reason = qemu_missing_reason()
+    if reason:
+        print(f"bench_qemu: {reason}", file=sys.stderr)
+        return 2
+    methods = [m for m in args.methods if m in default_registry()]
+    for m in set(args.methods) - set(methods):
+        print(f"bench_qemu: skipping {m}: not installed (pip install -e plugins/{m})",
+              file=sys.stderr)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-qemu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    blob = work / "mixed.bin"
+    write_mixed_image(blob, args.mixed_mib << 20)
+    bench = Bench(work, args.mem_mib, blob)
+    rows = []
+    try:
+        for method in methods:
+            for ch in args.channels:
+                capdir = work / f"cap-{method}-{ch}"
+                q2q = best(lambda m=method, c=ch: bench.qemu_to_qemu(m, c), args.repeat)
+                q2c = best(lambda m=method, c=ch, d=capdir: bench.qemu_to_capture(m, c, d),
+                           args.repeat)
+                rep = best(lambda m=method, c=ch, d=capdir: bench.replay_to_qemu(d, m, c),
+                           args.repeat)
+                shutil.rmtree(capdir, ignore_errors=True)
+                rows.append((method, ch, q2q, q2c, rep))
+                print(f"  done {method} x{ch}", file=sys.stderr)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\nguest: pc, -m {args.mem_mib}M, {args.mixed_mib} MiB mixed region, paused; "
+          f"best of {args.repeat}; times in ms")
+    head = (f"{'method':<7}{'ch':>3} {'QEMU->QEMU':>11} {'QEMU->capture':>14} "
+            f"{'(capture s)':>12} {'replay->QEMU':>13} {'QEMU Mbit/s':>12} {'->cap Mbit/s':>13}")
+    print(head)
+    print("-" * len(head))
+    for method, ch, q2q, q2c, rep in rows:
+        print(f"{method:<7}{ch:>3} {q2q['total_ms']:>11} {q2c['total_ms']:>14} "
+              f"{q2c['capture_s']:>12.3f} {rep['total_ms']:>13} {q2q['mbps']:>12.0f} "
+              f"{q2c['mbps']:>13.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

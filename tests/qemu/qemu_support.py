@@ -1,0 +1,98 @@
+"""Helpers for the QEMU tests: guests that boot no OS, killed by PID; recorded vectors.
+
+Without QEMU >= 10 the live tests skip locally with the install hint, and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from multifd_core.qemu.capture import QemuCapture
+from multifd_core.qemu.vm import GuestConfig, QemuVM, qemu_missing_reason
+from multifd_core.registry import default_registry
+
+DATA = Path(__file__).parent / "data"
+MIB = 64
+
+
+def require_qemu() -> None:
+    reason = qemu_missing_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: {reason}")
+    pytest.skip(reason)
+
+
+def require_method(name: str) -> None:
+    if name in default_registry():
+        return
+    msg = f"method {name} not installed: pip install -e plugins/{name}"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: {msg}")
+    pytest.skip(msg)
+
+
+def read_vector(name: str) -> bytes:
+    with gzip.open(DATA / name, "rb") as f:
+        return f.read()
+
+
+@dataclass
+class Lab:
+    """Starts guests in ``workdir`` and kills every one of them at teardown."""
+
+    workdir: Path
+    pattern: Path
+    vms: list[QemuVM]
+
+    def source(self, name: str = "src", **kw: Any) -> QemuVM:
+        """A source whose RAM is a private copy of the pattern, shared so that the file
+        holds the final RAM after the migration."""
+        ram = self.workdir / f"{name}.ram"
+        shutil.copyfile(self.pattern, ram)
+        kw.setdefault("share", True)
+        return self.start(name, GuestConfig(ram_file=ram, mem_mib=MIB, **kw))
+
+    def destination(self, name: str = "dst", **kw: Any) -> QemuVM:
+        ram = self.workdir / f"{name}.ram"
+        ram.unlink(missing_ok=True)
+        return self.start(name, GuestConfig(ram_file=ram, mem_mib=MIB, incoming=True, **kw))
+
+    def start(self, name: str, config: GuestConfig) -> QemuVM:
+        vm = QemuVM(self.workdir, name, config)
+        self.vms.append(vm)
+        return vm.start()
+
+
+class CaptureThread:
+    """Runs ``QemuCapture.run`` in a thread; ``result()`` returns the manifest or raises."""
+
+    def __init__(self, cap: QemuCapture) -> None:
+        self.cap = cap
+        self.manifest: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.manifest = self.cap.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def result(self, timeout: float = 60.0) -> dict[str, Any]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "capture did not finish in time"
+        if self.error is not None:
+            raise self.error
+        assert self.manifest is not None
+        return self.manifest
