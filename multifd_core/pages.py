@@ -24,12 +24,13 @@ def zero_mask(pages_u64: np.ndarray) -> np.ndarray:
 
 def _zero_mask(pages_u64: np.ndarray) -> np.ndarray:
     first_zero = pages_u64[:, 0] == 0
-    if not first_zero.any():
+    candidates = np.flatnonzero(first_zero)
+    if len(candidates) == 0:
         return first_zero
-    if first_zero.all():
+    if 4 * len(candidates) >= len(pages_u64):
+        # Many candidates: one OR-reduction over the chunk beats gathering them (no copy).
         return np.bitwise_or.reduce(pages_u64, axis=1) == 0
     out = np.zeros(len(pages_u64), dtype=bool)
-    candidates = np.flatnonzero(first_zero)
     out[candidates] = np.bitwise_or.reduce(pages_u64[candidates], axis=1) == 0
     return out
 

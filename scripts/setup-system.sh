@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages multifd's tests need, as root on Debian:
 #   - QEMU 10 (Debian 13: main suite; Debian 12: bookworm-backports, added here);
-#   - Debian 13's libqatzip3 (+ libqat4, libusdm0), fetched with `apt-get download`
+#   - Debian 13's libqatzip3 (+ libqat4, libusdm0, and libqatzip-dev for its header), fetched with `apt-get download`
 #     through a separate apt configuration and unpacked into .cache/qatzip/
 #     (the system's sources are never changed for it).
 # Not root, or not Debian: prints what to install and exits 0 (the tests then skip with that reason).
@@ -47,7 +47,8 @@ qemu-system-x86_64 --version | head -1
 
 # libqatzip (Debian 13 packages). On trixie and later the system packages are used directly.
 qz="$cache/qatzip"
-if ! ls "$qz"/usr/lib/*/libqatzip.so.3* >/dev/null 2>&1 && ! ls /usr/lib/*/libqatzip.so.3* >/dev/null 2>&1; then
+if { ! ls "$qz"/usr/lib/*/libqatzip.so.3* || [ ! -f "$qz/usr/include/qatzip.h" ]; } >/dev/null 2>&1 \
+    && ! ls /usr/lib/*/libqatzip.so.3* >/dev/null 2>&1; then
   if [ "$codename" = bookworm ]; then
     aptdir="$cache/apt-trixie"
     mkdir -p "$aptdir/lists/partial" "$aptdir/archives/partial" "$aptdir/etc/preferences.d" "$aptdir/etc/sources.list.d"
@@ -61,11 +62,11 @@ SRC
              -o "Dir::Cache=$aptdir/cache" -o "Dir::Cache::archives=$aptdir/archives" -o "APT::Architecture=$(dpkg --print-architecture)")
     mkdir -p "$aptdir/cache"
     apt-get "${aptopts[@]}" update -qq
-    (cd "$aptdir/archives" && apt-get "${aptopts[@]}" download libqatzip3 libqat4 libusdm0 >/dev/null)
+    (cd "$aptdir/archives" && apt-get "${aptopts[@]}" download libqatzip3 libqat4 libusdm0 libqatzip-dev >/dev/null)
     mkdir -p "$qz"
     for deb in "$aptdir"/archives/*.deb; do dpkg-deb -x "$deb" "$qz"; done
   else
-    apt-get install -y -qq libqatzip3 >/dev/null || true
+    apt-get install -y -qq libqatzip3 libqatzip-dev >/dev/null || true
   fi
 fi
 ls "$qz"/usr/lib/*/libqatzip.so.3* /usr/lib/*/libqatzip.so.3* 2>/dev/null | head -1 || true

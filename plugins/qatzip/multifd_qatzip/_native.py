@@ -1,0 +1,137 @@
+"""Finding and opening a vendor's shared library (the same small module in each hardware plugin).
+
+Lookup order: the file named by the plugin's environment variable (an error if it is set and
+cannot be opened: no silent fallback), then ``ctypes.util.find_library``, then the known
+sonames through the system loader. When the library is opened from a path, its dependencies
+found in the same folder are opened first (``RTLD_GLOBAL``), so an unpacked package works
+without ``LD_LIBRARY_PATH``.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import cffi
+
+from multifd_core.errors import LibraryNotFoundError
+
+
+@dataclass(frozen=True)
+class LibrarySpec:
+    """What to look for and what to tell the user when it is missing."""
+
+    label: str  # "libqatzip"
+    env: str  # "MULTIFD_QATZIP_LIBRARY"
+    find_name: str  # name for ctypes.util.find_library ("qatzip")
+    sonames: tuple[str, ...]  # ("libqatzip.so.3",)
+    dependencies: tuple[str, ...] = ()  # sonames preloaded from the library's folder
+    symbols: tuple[str, ...] = ()  # functions that must resolve (else: not this library)
+    install: str = ""  # how to get it
+
+
+@dataclass
+class OpenLibrary:
+    lib: Any
+    path: str
+    version: str | None
+    keep: list[Any] = field(default_factory=list)  # dependency handles, kept alive
+    ready: bool = False  # set by the plugin once its one-time set-up ran
+
+
+_lock = threading.Lock()
+_cache: dict[tuple[str, str], OpenLibrary] = {}
+
+
+def candidates(spec: LibrarySpec) -> list[tuple[str, str]]:
+    """(how, name-or-path) pairs to try, in order."""
+    explicit = os.environ.get(spec.env, "").strip()
+    if explicit:
+        return [(f"${spec.env}", explicit)]
+    out: list[tuple[str, str]] = []
+    found = ctypes.util.find_library(spec.find_name)
+    if found:
+        out.append((f"find_library({spec.find_name!r})", found))
+    else:
+        out.append((f"find_library({spec.find_name!r})", ""))
+    out.extend(("system loader", s) for s in spec.sonames if s != found)
+    return out
+
+
+def open_library(spec: LibrarySpec, ffi: cffi.FFI) -> OpenLibrary:
+    """Open the library or raise ``LibraryNotFoundError`` saying where we looked."""
+    tried: list[str] = []
+    if not os.environ.get(spec.env, "").strip():
+        tried.append(f"${spec.env} (unset)")
+    for how, name in candidates(spec):
+        if not name:
+            tried.append(f"{how}: nothing found")
+            continue
+        key = (spec.label, name)
+        with _lock:
+            if key in _cache:
+                return _cache[key]
+            try:
+                opened = _open(spec, ffi, name)
+            except OSError as exc:
+                tried.append(f"{how}: {name} ({_short(exc)})")
+                continue
+            _cache[key] = opened
+            return opened
+    raise LibraryNotFoundError(
+        f"{spec.label} not found; looked at: {'; '.join(tried)}. {spec.install} "
+        f"Or set {spec.env}=/path/to/{spec.sonames[0]}.")
+
+
+def _open(spec: LibrarySpec, ffi: cffi.FFI, name: str) -> OpenLibrary:
+    keep: list[Any] = []
+    if os.sep in name:
+        if not os.path.exists(name):
+            raise OSError(f"no such file: {name}")
+        folder = os.path.dirname(os.path.realpath(name))
+        for dep in spec.dependencies:
+            dep_path = os.path.join(folder, dep)
+            if os.path.exists(dep_path):
+                keep.append(ffi.dlopen(dep_path, ffi.RTLD_NOW | ffi.RTLD_GLOBAL))
+    lib = ffi.dlopen(name, ffi.RTLD_NOW)
+    for symbol in spec.symbols:
+        try:
+            getattr(lib, symbol)
+        except (AttributeError, NotImplementedError):
+            raise OSError(f"opened, but it is not {spec.label}: no symbol {symbol}") from None
+    path = os.path.realpath(name) if os.sep in name else (_mapped_path(name) or name)
+    return OpenLibrary(lib, path, _file_version(path), keep)
+
+
+def _mapped_path(soname: str) -> str | None:
+    """Where the system loader found ``soname`` (from this process's memory map)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if os.path.basename(path).startswith(soname):
+                    return os.path.realpath(path)
+    except OSError:
+        return None
+    return None
+
+
+def _file_version(path: str) -> str | None:
+    """``libfoo.so.3.2.0`` -> ``3.2.0`` (the file's version, not the release's)."""
+    m = re.search(r"\.so\.([0-9][0-9.]*)$", os.path.basename(os.path.realpath(path)))
+    return m.group(1) if m else None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0].split(".  Additionally")[0]
+    return text.split(": ", 1)[-1][:160] if text.startswith("cannot load library") else text
+
+
+def clear_cache() -> None:
+    """Forget opened libraries (tests that change the environment)."""
+    with _lock:
+        _cache.clear()

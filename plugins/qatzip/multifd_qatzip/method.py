@@ -1,0 +1,84 @@
+"""The qatzip method (flag 0x20): one whole-packet QZ-extended gzip payload per packet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from multifd_core.context import ChannelContext, RecvPacket, SendPacket
+from multifd_core.errors import MethodError
+from multifd_core.hookspecs import hookimpl
+from multifd_core.method import (
+    MAX_COMPRESSED_PAYLOAD,
+    EngineInfo,
+    LevelRange,
+    Method,
+    MethodOptions,
+)
+from multifd_core.wire import PACKET_SIZE
+from multifd_qatzip import engines
+
+
+class Qatzip(Method):
+    name = "qatzip"
+    code = 0x20
+    levels = LevelRange(1, 9, 1)
+    description = "QATzip gzip members per packet (Intel QAT, or libqatzip/zlib in software)"
+
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        super().__init__(options)
+        self.engine = self.choose_engine(self.options.engine).name
+
+    @classmethod
+    def engines(cls) -> list[EngineInfo]:
+        return engines.engine_infos()
+
+    def max_payload(self, normal_pages: int) -> int:
+        return MAX_COMPRESSED_PAYLOAD if normal_pages else 0
+
+    def _open(self, channel: ChannelContext) -> None:
+        channel.state = engines.create(self.engine, self.level or 1, channel.id)
+        channel.engine = self.engine
+
+    @hookimpl
+    def send_setup(self, channel: ChannelContext) -> None:
+        self._open(channel)
+
+    @hookimpl
+    def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[Any]:
+        return channel.state.compress(packet.data())
+
+    @hookimpl
+    def send_cleanup(self, channel: ChannelContext) -> None:
+        _close(channel)
+
+    @hookimpl
+    def recv_setup(self, channel: ChannelContext) -> None:
+        self._open(channel)
+        channel.state.out = bytearray(PACKET_SIZE)
+
+    @hookimpl
+    def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
+        size = packet.next_packet_size
+        if size > MAX_COMPRESSED_PAYLOAD:
+            raise MethodError(f"multifd {channel.id}: received unexpectedly large packet",
+                              field="next_packet_size", received=size,
+                              expected=f"<= {MAX_COMPRESSED_PAYLOAD}", channel=channel.id)
+        engine = channel.state
+        expected = packet.expected_size
+        if len(engine.out) < expected:
+            engine.out = bytearray(expected)
+        out = memoryview(engine.out)
+        got = engine.decompress_into(packet.read_payload(), out)
+        if got != expected:
+            raise packet.size_error(got)
+        packet.write_pages(out[:expected])
+
+    @hookimpl
+    def recv_cleanup(self, channel: ChannelContext) -> None:
+        _close(channel)
+
+
+def _close(channel: ChannelContext) -> None:
+    if channel.state is not None:
+        channel.state.close()
+        channel.state = None

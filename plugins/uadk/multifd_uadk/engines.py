@@ -1,0 +1,197 @@
+"""The engines of the uadk method: a HiSilicon ZIP accelerator through UADK (libwd_comp),
+or software.
+
+Software, following QEMU: the sender sends every page raw (always accepted, by QEMU with
+or without hardware). The receiver decodes compressed blobs with zlib, where QEMU without
+hardware refuses them, so a QEMU sender with hardware can migrate to us.
+
+Choice, per endpoint: ``MethodOptions.engine`` (``uadk`` or ``software``), else the first
+available: ``uadk`` when libwd_comp loads and ``wd_comp_init2`` finds a device, else
+software. ``$MULTIFD_UADK_ENGINE=software`` marks ``uadk`` unavailable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from typing import Any
+
+from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
+from multifd_core.method import EngineInfo
+from multifd_uadk import _ffi, container, software
+
+ENV_ENGINE = "MULTIFD_UADK_ENGINE"
+HARDWARE_ENGINE = "uadk"
+SOFTWARE_ENGINE = "software"
+ENGINE_NAMES = (HARDWARE_ENGINE, SOFTWARE_ENGINE)
+
+
+class SoftwareEngine:
+    name = SOFTWARE_ENGINE
+
+    def __init__(self, page_size: int, channel: int, compress: bool = False) -> None:
+        self.codec = software.ZlibPageCodec(page_size, channel)
+        self.page_size = page_size
+        self.channel = channel
+        self.software_compress = compress
+        self.out = bytearray(0)  # receive buffer, sized by the method
+
+    def compress(self, rows: list[memoryview]) -> list[Any]:
+        if not self.software_compress:
+            return container.pack(rows, [None] * len(rows), self.page_size)
+        return container.pack(rows, [self.codec.compress(r) for r in rows], self.page_size)
+
+    def decompress_into(self, payload: memoryview, normal: int, out: memoryview) -> None:
+        container.unpack_into(payload, normal, self.page_size, out, self.codec.decode,
+                              self.channel, "uadk")
+
+    def close(self) -> None:
+        return None
+
+
+class _Runtime:
+    """``wd_comp_init2`` once per process while any channel uses it (QEMU calls it per
+    channel and tolerates -WD_EEXIST; counting keeps the last uninit for the last user)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+    def acquire(self, lib: Any) -> int:
+        with self.lock:
+            if self.users == 0:
+                rc = lib.wd_comp_init2_(_ffi.ffi.new("char[]", b"zlib"),
+                                        lib.SCHED_POLICY_RR, lib.TASK_HW, _ffi.ffi.NULL)
+                if rc not in (0, -_ffi.WD_EEXIST):
+                    return rc
+            self.users += 1
+            return 0
+
+    def release(self, lib: Any) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                lib.wd_comp_uninit2()
+
+
+_runtime = _Runtime()
+
+
+class UadkEngine:
+    """One UADK session per channel and direction, set up as QEMU does (WD_ZLIB, the
+    library's default level, 4 KiB window). Untested here: no UADK or device on this
+    machine."""
+
+    name = HARDWARE_ENGINE
+
+    def __init__(self, page_size: int, channel: int, page_count: int, compress: bool) -> None:
+        ffi = _ffi.ffi
+        self.lib = _ffi.load().lib
+        self.page_size, self.channel = page_size, channel
+        self.codec = software.ZlibPageCodec(page_size, channel)
+        rc = _runtime.acquire(self.lib)
+        if rc:
+            raise MultiFDError(f"multifd {channel}: wd_comp_init2 failed ({rc})")
+        op = self.lib.WD_DIR_COMPRESS if compress else self.lib.WD_DIR_DECOMPRESS
+        self._params = ffi.new("char[]", _ffi.SCHED_PARAMS_ROOM)
+        ffi.cast("struct sched_params *", self._params).type = op
+        setup = ffi.new("struct wd_comp_sess_setup *")
+        setup.alg_type = self.lib.WD_ZLIB
+        setup.op_type = op
+        setup.sched_param = self._params
+        self.handle = self.lib.wd_comp_alloc_sess(setup)
+        if not self.handle:
+            _runtime.release(self.lib)
+            raise MultiFDError(f"multifd {channel}: failed wd_comp_alloc_sess")
+        # Output room: twice a page per page, as QEMU, so output >= input still fits.
+        self.buf = ffi.new("uint8_t[]", page_count * page_size * 2)
+        self.out = bytearray(0)  # receive buffer, sized by the method
+
+    def _run(self, op: int, src: Any, src_len: int, dst: Any, dst_len: int) -> int:
+        req = _ffi.ffi.new("struct wd_comp_req *")  # zeroed: flat buffers, no callback
+        req.op_type, req.src, req.src_len, req.dst, req.dst_len = op, src, src_len, dst, dst_len
+        rc = self.lib.wd_do_comp_sync(self.handle, req)
+        if rc or req.status:
+            verb = "compression" if op == self.lib.WD_DIR_COMPRESS else "decompression"
+            raise MethodError(f"multifd {self.channel}: failed {verb}, ret {rc} status "
+                              f"{req.status}", field="wd_do_comp_sync",
+                              received=(rc, req.status), expected=(0, 0), channel=self.channel)
+        return int(req.dst_len)
+
+    def compress(self, rows: list[memoryview]) -> list[Any]:
+        ffi, size = _ffi.ffi, self.page_size
+        blobs: list[Any] = []
+        for i, row in enumerate(rows):
+            dst = self.buf + i * 2 * size
+            n = self._run(self.lib.WD_DIR_COMPRESS, ffi.from_buffer("uint8_t[]", row), size,
+                          dst, 2 * size)
+            blobs.append(ffi.buffer(dst, n) if n < size else None)
+        return container.pack(rows, blobs, size)
+
+    def decompress_into(self, payload: memoryview, normal: int, out: memoryview) -> None:
+        ffi, size = _ffi.ffi, self.page_size
+        lens, offsets = container.lengths(payload, normal, size, self.channel, "uadk")
+        src = ffi.from_buffer("uint8_t[]", payload)
+        dst = ffi.from_buffer("uint8_t[]", out, require_writable=True)
+        for i, (off, n) in enumerate(zip(offsets, lens, strict=True)):
+            if n == size:
+                out[i * size:(i + 1) * size] = payload[off:off + n]
+                continue
+            got = self._run(self.lib.WD_DIR_DECOMPRESS, src + off, n, dst + i * size, size)
+            if got != size:
+                raise MethodError(f"multifd {self.channel}: decompressed length error",
+                                  field="decompressed_len", received=got, expected=size,
+                                  channel=self.channel)
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.wd_comp_free_sess(self.handle)
+            self.handle = 0
+            _runtime.release(self.lib)
+
+
+_probes: dict[str, tuple[bool, str]] = {}
+
+
+def hardware_status() -> tuple[bool, str, Any]:
+    """(usable, reason, opened library or None); the device is probed once per library."""
+    try:
+        opened = _ffi.load()
+    except LibraryNotFoundError as exc:
+        return False, f"no library: {exc}", None
+    if opened.path not in _probes:
+        rc = _runtime.acquire(opened.lib)
+        if rc:
+            _probes[opened.path] = (False, f"no device: wd_comp_init2(zlib) returned {rc}")
+        else:
+            _runtime.release(opened.lib)
+            _probes[opened.path] = (True, "UADK ZIP device found")
+    usable, reason = _probes[opened.path]
+    return usable, reason, opened
+
+
+def forced_software() -> bool:
+    """``$MULTIFD_UADK_ENGINE=software``: this endpoint uses only the software engine."""
+    return os.environ.get(ENV_ENGINE, "").strip().lower() == SOFTWARE_ENGINE
+
+
+def create(name: str, page_size: int, channel: int, page_count: int, *, compress: bool,
+           software_compress: bool = False) -> SoftwareEngine | UadkEngine:
+    if name == HARDWARE_ENGINE:
+        return UadkEngine(page_size, channel, page_count, compress)
+    return SoftwareEngine(page_size, channel, software_compress)
+
+
+def engine_infos() -> list[EngineInfo]:
+    forced = forced_software()
+    usable, reason, opened = hardware_status()
+    if forced:
+        reason = f"forced off by {ENV_ENGINE}=software ({reason})"
+    hw = EngineInfo(HARDWARE_ENGINE, "hardware", usable and not forced, reason,
+                    opened.path if opened else None, opened.version if opened else None)
+    why = f"forced by {ENV_ENGINE}=software" if forced else \
+        ("used when UADK is not usable" if usable else "in use: UADK is not usable here")
+    return [hw, EngineInfo(SOFTWARE_ENGINE, "software", True,
+                           f"{why}; sends pages raw as QEMU does, decodes zlib blobs",
+                           "zlib", zlib.ZLIB_RUNTIME_VERSION)]

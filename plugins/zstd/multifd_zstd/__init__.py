@@ -1,0 +1,178 @@
+"""The ``zstd`` multifd method (flag 0x04), wire-identical to QEMU 10.0.
+
+Each channel carries one zstd frame for the whole session (no checksum, no content size).
+A packet's normal pages are compressed in one call and the packet ends with a block flush
+(``ZSTD_e_flush``); the frame is never ended, so only the channel's first payload starts with
+the magic ``28 B5 2F FD``. Level 0 is zstd's default level, 3.
+
+The receiver keeps one streaming decompressor per channel (``zstandard``'s
+``stream_writer``) whose output goes to a sink that refuses any byte past
+``normal_pages * page_size``: a decompression bomb is stopped after at most one output
+chunk (``WRITE_SIZE``), and the window a frame may ask for is capped at ``MAX_WINDOW``
+(QEMU's highest level, 20, uses 2**25).
+
+python-zstandard's C backend releases the GIL around ``ZSTD_compressStream2`` and
+``ZSTD_decompressStream``, so channels compress in parallel (see
+``benchmarks/bench_codecs.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from multifd_core import EngineInfo, LevelRange, Method, MethodError, hookimpl
+from multifd_core.context import ChannelContext, RecvPacket, SendPacket
+from multifd_core.errors import LibraryNotFoundError
+from multifd_core.wire import PACKET_SIZE
+
+try:
+    import zstandard
+except ImportError as exc:  # reported by engines(); the method is listed as unavailable
+    zstandard = None
+    _IMPORT_ERROR = str(exc)
+else:
+    _IMPORT_ERROR = ""
+
+__version__ = "0.1.0"
+
+#: Output chunk of the receive stream: one byte more than the largest packet (PACKET_SIZE),
+#: so a valid packet always decodes in one chunk and is fully flushed.
+WRITE_SIZE = PACKET_SIZE + 1
+#: Largest window a peer's frame may ask for: 32 MiB, QEMU's level 20 (windowLog 25).
+MAX_WINDOW = 1 << 25
+
+
+class Zstd(Method):
+    name = "zstd"
+    code = 0x04
+    levels = LevelRange(0, 20, 1)
+    description = "one zstd frame per channel, block-flushed per packet (QEMU's zstd)"
+
+    @classmethod
+    def engines(cls) -> list[EngineInfo]:
+        if zstandard is None:
+            return [EngineInfo(name="software", kind="software", available=False,
+                               reason=f"python package zstandard is not importable "
+                                      f"({_IMPORT_ERROR}); pip install zstandard",
+                               library="zstd")]
+        return [EngineInfo(name="software", kind="software", available=True, library="zstd",
+                           library_version=".".join(map(str, zstandard.ZSTD_VERSION)))]
+
+    @hookimpl
+    def send_setup(self, channel: ChannelContext) -> None:
+        _require()
+        compressor = zstandard.ZstdCompressor(level=self.level, write_checksum=False,
+                                              write_content_size=False)
+        channel.state = compressor.compressobj()
+        channel.engine = "software"
+
+    @hookimpl
+    def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[Any]:
+        if packet.normal_pages == 0:
+            return []  # QEMU never touches the stream for a packet without normal pages
+        stream = channel.state
+        try:
+            body = stream.compress(packet.data())
+            tail = stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        except zstandard.ZstdError as exc:
+            raise MethodError(f"multifd {channel.id}: compressStream2 returned {exc}",
+                              field="compress", received=str(exc), expected="success",
+                              channel=channel.id) from None
+        size = len(body) + len(tail)
+        bound = self.max_payload(packet.normal_pages)
+        if size > bound:
+            raise MethodError(f"multifd {channel.id}: zstd output exceeds the receiver's buffer",
+                              field="next_packet_size", received=size, expected=f"<= {bound}",
+                              channel=channel.id)
+        return [body, tail] if body else [tail]
+
+    @hookimpl
+    def send_cleanup(self, channel: ChannelContext) -> None:
+        channel.state = None
+
+    @hookimpl
+    def recv_setup(self, channel: ChannelContext) -> None:
+        _require()
+        sink = BoundedSink()
+        decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+        channel.state = (sink, decompressor.stream_writer(sink, write_size=WRITE_SIZE))
+        channel.engine = "software"
+
+    @hookimpl
+    def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
+        sink, stream = channel.state
+        expected = packet.expected_size
+        if expected >= WRITE_SIZE:
+            raise MethodError(f"multifd {packet.channel_id}: packet of {packet.normal_pages} "
+                              f"pages exceeds the packet size", field="normal_pages",
+                              received=packet.normal_pages,
+                              expected=f"<= {PACKET_SIZE // packet.page_size}",
+                              channel=packet.channel_id)
+        sink.reset(expected)
+        payload = packet.read_payload()
+        try:
+            stream.write(payload)
+        except OutputLimitExceeded:
+            raise too_much_output(packet) from None
+        except zstandard.ZstdError as exc:
+            detail = str(exc).removeprefix("zstd decompress error: ")
+            raise MethodError(
+                f"multifd {packet.channel_id}: decompressStream returned {detail} "
+                f"(packet {packet.packet_num})", field="decompress", received=detail,
+                expected="success", channel=packet.channel_id) from None
+        packet.write_pages(sink.take())  # checks the size is exactly expected
+
+    @hookimpl
+    def recv_cleanup(self, channel: ChannelContext) -> None:
+        channel.state = None
+
+
+class OutputLimitExceeded(Exception):
+    """Raised by ``BoundedSink`` to stop the decompressor past the packet's size."""
+
+
+class BoundedSink:
+    """The receive stream's output: collects chunks, refuses to go past ``limit`` bytes."""
+
+    __slots__ = ("chunks", "size", "limit")
+
+    def __init__(self) -> None:
+        self.reset(0)
+
+    def reset(self, limit: int) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self.size > self.limit:
+            self.chunks = []
+            raise OutputLimitExceeded(self.size)
+        self.chunks.append(data)
+        return len(data)
+
+    def take(self) -> bytes:
+        chunks, self.chunks = self.chunks, []
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def too_much_output(packet: RecvPacket) -> MethodError:
+    """A payload that decodes past ``expected_size`` (decoding stopped at the first chunk)."""
+    expected = packet.expected_size
+    return MethodError(
+        f"multifd {packet.channel_id}: packet size received more than {expected} size expected "
+        f"{expected} (packet {packet.packet_num})",
+        field="decoded_size", received=f"> {expected}", expected=expected,
+        channel=packet.channel_id)
+
+
+def _require() -> None:
+    if zstandard is None:
+        raise LibraryNotFoundError(f"method zstd needs the python package zstandard "
+                                   f"({_IMPORT_ERROR}): pip install zstandard")
+
+
+@hookimpl
+def multifd_register_methods(register) -> None:
+    register(Zstd)

@@ -1,0 +1,120 @@
+"""The built-in ``none`` method against the plugin conformance kit (its first user)."""
+
+
+import numpy as np
+import pytest
+
+from multifd_core import hookimpl
+from multifd_core.context import ChannelContext, RecvPacket, SendPacket
+from multifd_core.nocomp import NoCompression
+from multifd_core.testing import MethodConformance
+
+
+class TestNoneConformance(MethodConformance):
+    method_cls = NoCompression
+    stateful = False
+    # none has no codec call: its send is zero-copy iovecs and, in a session, its receive is a
+    # socket read straight into the pages (recv_into releases the GIL). Under the sans-IO
+    # harness only Python-level buffer copies run, so the two-thread check cannot apply.
+    releases_gil = False
+    gil_reason = "no codec: send is zero-copy iovecs; receive is a socket read into the pages"
+
+
+class TestNoneConformance64k(TestNoneConformance):
+    """The same with 64 KiB pages (8 pages a packet), as on aarch64 or ppc64 hosts."""
+
+    page_size = 65536
+    channels = 2
+
+
+# ---------------------------------------------------------------- the kit catches broken methods
+
+class _Sloppy(NoCompression):
+    """Decodes with numpy and no size check: a short payload raises ValueError."""
+
+    name = "sloppy"
+    code = 0x0A
+
+    @hookimpl
+    def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
+        data = np.frombuffer(packet.read_payload(), dtype=np.uint8)
+        packet.write_pages(data.reshape(packet.normal_pages, packet.page_size))
+
+
+class _SharedKey(NoCompression):
+    """XORs each packet with a key from a packet counter kept on the method, not the channel:
+    stateful, and its channels interfere."""
+
+    name = "sharedkey"
+    code = 0x0C
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self.sent = self.received = 0
+
+    def max_payload(self, normal_pages: int) -> int:
+        return normal_pages * self.page_size
+
+    @hookimpl
+    def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[bytes]:
+        self.sent += 1
+        return [(packet.pages() ^ np.uint8(self.sent)).tobytes()]
+
+    @hookimpl
+    def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
+        self.received += 1
+        data = np.frombuffer(packet.read_payload(), dtype=np.uint8) ^ np.uint8(self.received)
+        packet.write_pages(data)
+
+
+_TABLE = bytes(range(255, -1, -1))
+
+
+class _HoldsGil(NoCompression):
+    """A 'codec' (bytes.translate) that never releases the GIL."""
+
+    name = "holdsgil"
+    code = 0x12
+
+    @hookimpl
+    def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[bytes]:
+        data = bytes(packet.data())
+        for _ in range(8):
+            data = data.translate(_TABLE)
+        return [data]
+
+    @hookimpl
+    def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
+        data = bytes(packet.read_payload())
+        for _ in range(8):
+            data = data.translate(_TABLE)
+        packet.write_pages(data)
+
+
+def _kit(cls: type, **attrs: object) -> MethodConformance:
+    return type("Kit", (MethodConformance,), {"method_cls": cls, **attrs})()
+
+
+def test_kit_catches_an_exception_other_than_method_error() -> None:
+    with pytest.raises(pytest.fail.Exception, match="raised ValueError"):
+        _kit(_Sloppy).test_truncated_payload_is_refused()
+
+
+def test_kit_catches_a_stateful_method_declared_stateless() -> None:
+    with pytest.raises(AssertionError, match="set stateful = True"):
+        _kit(_SharedKey).test_stream_state()
+
+
+def test_kit_catches_state_shared_between_channels() -> None:
+    with pytest.raises(AssertionError, match="channel . packet . differs"):
+        _kit(_SharedKey, stateful=True).test_roundtrip_channels_rounds_packets()
+
+
+def test_kit_catches_a_codec_that_holds_the_gil() -> None:
+    with pytest.raises(AssertionError, match="holds the GIL"):
+        _kit(_HoldsGil).test_codec_calls_release_the_gil()
+
+
+def test_kit_refuses_an_undeclared_gil_exemption() -> None:
+    with pytest.raises(AssertionError, match="needs a gil_reason"):
+        _kit(_HoldsGil, releases_gil=False).test_codec_calls_release_the_gil()

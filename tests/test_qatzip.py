@@ -1,0 +1,405 @@
+"""The qatzip method plugin (multifd-qatzip): real libqatzip and the pure-software engine.
+
+libqatzip: ``$MULTIFD_QATZIP_LIBRARY`` when set, else this checkout's ``.cache/qatzip`` (made
+by ``scripts/setup-system.sh``), else the system's. Tests that need it skip locally and fail
+in CI when it is missing. There is no QAT device here: libqatzip runs its software backup,
+which is also what QEMU does without one.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
+from multifd_core.harness import MethodHarness
+from multifd_core.method import MethodOptions
+from multifd_core.testing import MethodConformance, in_ci, make_pages, mixed_pages, require
+
+try:
+    from multifd_qatzip import _ffi, _native, engines, gzipqz
+    from multifd_qatzip.method import Qatzip
+except ImportError:  # pragma: no cover - depends on the environment
+    if in_ci():
+        raise
+    pytest.skip("multifd-qatzip is not installed: pip install -e plugins/qatzip",
+                allow_module_level=True)
+
+PAGE = 4096
+REPO = Path(__file__).resolve().parents[1]
+CACHE_LIBS = sorted(glob.glob(str(REPO / ".cache/qatzip/usr/lib/*/libqatzip.so.3")))
+CACHE_HEADER = REPO / ".cache/qatzip/usr/include/qatzip.h"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def qatzip_library():
+    """Point the plugin at this checkout's unpacked libqatzip unless the user chose one."""
+    mp = pytest.MonkeyPatch()
+    if not os.environ.get(_ffi.SPEC.env) and CACHE_LIBS:
+        mp.setenv(_ffi.SPEC.env, CACHE_LIBS[0])
+    mp.delenv(engines.ENV_ENGINE, raising=False)
+    yield
+    mp.undo()
+
+
+def library_loads() -> bool:
+    try:
+        _ffi.load()
+    except LibraryNotFoundError:
+        return False
+    return True
+
+
+def need_library() -> None:
+    require(library_loads(), "libqatzip is not available: run scripts/setup-system.sh as root "
+            "(unpacks Debian 13's libqatzip3 into .cache/qatzip) or set MULTIFD_QATZIP_LIBRARY")
+
+
+def method(engine: str | None = None, level: int | None = None) -> Qatzip:
+    return Qatzip(MethodOptions(page_size=PAGE, engine=engine, level=level))
+
+
+def image(n: int, seed: int = 1) -> np.ndarray:
+    return mixed_pages(n, PAGE, np.random.default_rng(seed))
+
+
+def members(payload: bytes) -> list[tuple[bytes, int, int, int]]:
+    """(header, src_sz, dest_sz, xfl) of each QZ-extended member, walking by dest_sz."""
+    out, pos = [], 0
+    while pos < len(payload):
+        head = payload[pos:pos + 24]
+        magic, _, xfl, os_, xlen, q, z, sub, src, dest = struct.unpack("<4sIBBHBBHII", head)
+        assert (magic, os_, xlen, q, z, sub) == (b"\x1f\x8b\x08\x04", 0xFF, 12, 81, 90, 8)
+        crc, isize = struct.unpack_from("<II", payload, pos + 24 + dest)
+        assert isize == src
+        out.append((head, src, dest, xfl))
+        pos += 24 + dest + 8
+    assert pos == len(payload)
+    return out
+
+
+class TestQatzipConformance(MethodConformance):
+    """Every engine available here (libqatzip and software), and each against the other."""
+
+    method_cls = Qatzip
+    stateful = False
+
+
+# ---------------------------------------------------------------- the real library
+
+def test_libqatzip_loads_without_ld_library_path():
+    """The plugin opens libqatzip from its folder by itself (dependencies preloaded)."""
+    need_library()
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env[_ffi.SPEC.env] = os.environ[_ffi.SPEC.env] if os.environ.get(_ffi.SPEC.env) else ""
+    code = ("from multifd_qatzip import _ffi; o = _ffi.load(); "
+            "print(o.path); print(o.version)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert os.path.basename(out[0]).startswith("libqatzip.so.3")
+    assert out[1][0].isdigit()
+
+
+def test_libqatzip_works_without_a_device_as_in_qemu():
+    """qzInit(sw_backup=1) and the deflate session succeed with no QAT device; that engine is
+    reported as software-kind with the reason, and is the default."""
+    need_library()
+    info = {e.name: e for e in Qatzip.engines()}
+    lib = info["libqatzip"]
+    assert lib.available and lib.library and lib.library_version
+    if lib.kind == "software":
+        assert "no QAT device" in lib.reason
+    assert method().engine == "libqatzip"
+    with MethodHarness(method("libqatzip")) as h:
+        pages = image(128)
+        assert np.array_equal(h.roundtrip(pages), pages)
+
+
+@pytest.mark.parametrize(("sender", "receiver"), [("libqatzip", "software"),
+                                                  ("software", "libqatzip"),
+                                                  ("libqatzip", "libqatzip"),
+                                                  ("software", "software")])
+def test_cross_engine_full_and_partial_packets(sender, receiver):
+    if "libqatzip" in (sender, receiver):
+        need_library()
+    with MethodHarness(method(sender, level=1), method(receiver)) as h:
+        for n, seed in [(128, 1), (1, 2), (17, 3), (127, 4)]:
+            pages = image(n, seed)
+            assert np.array_equal(h.roundtrip(pages), pages), f"{n} pages"
+
+
+def test_libqatzip_software_backup_writes_one_qz_member():
+    """Without a device QATzip writes one QZ-extended member for the whole packet."""
+    need_library()
+    with MethodHarness(method("libqatzip")) as h:
+        payload = h.encode(image(128))
+    found = members(payload)
+    assert len(found) == 1 and found[0][1] == 128 * PAGE
+
+
+@pytest.mark.parametrize("level", [1, 5, 9])
+def test_every_level_both_engines(level):
+    engines_here = ["software"] + (["libqatzip"] if library_loads() else [])
+    pages = make_pages("text", 64, PAGE, np.random.default_rng(5))
+    for a in engines_here:
+        for b in engines_here:
+            with MethodHarness(method(a, level=level), method(b)) as h:
+                assert np.array_equal(h.roundtrip(pages), pages), (a, b, level)
+
+
+# ---------------------------------------------------------------- the software format
+
+def test_software_writes_one_qz_member_per_64k_chunk():
+    with MethodHarness(method("software")) as h:
+        payload = h.encode(image(128))
+        part = h.encode(image(20, 7))
+    found = members(payload)
+    assert [m[1] for m in found] == [65536] * 8
+    assert [m[1] for m in members(part)] == [65536, 20 * PAGE - 65536]
+    assert all(m[3] == 4 for m in found)  # XFL: fastest, at level 1
+    assert gzip.decompress(payload) == image(128).tobytes()  # any gzip reader
+
+
+def test_level_nine_is_not_larger_than_level_one():
+    pages = make_pages("text", 128, PAGE, np.random.default_rng(9))
+    sizes = []
+    for level in (1, 9):
+        with MethodHarness(method("software", level=level)) as h:
+            sizes.append(len(h.encode(pages)))
+    assert sizes[1] <= sizes[0]
+
+
+def test_plain_gzip_members_decode_on_every_engine():
+    """Standard gzip members (FNAME, several members, no QZ field) are accepted too."""
+    pages = image(32, 11)
+    data = pages.tobytes()
+    named = gzip.compress(data[:50000], mtime=0)
+    payload = named + gzip.compress(data[50000:], 6)
+    for engine in ["software"] + (["libqatzip"] if library_loads() else []):
+        with MethodHarness(method(engine)) as h:
+            assert np.array_equal(h.decode(payload, 32), pages), engine
+
+
+def test_incompressible_packet_round_trips():
+    pages = make_pages("random", 128, PAGE, np.random.default_rng(12))
+    with MethodHarness(method("software")) as h:
+        payload = h.encode(pages)
+        assert len(payload) > pages.nbytes  # no raw escape in this format
+        assert len(payload) <= h.recv_method.max_payload(128)
+        assert np.array_equal(h.decode(payload, 128), pages)
+
+
+# ---------------------------------------------------------------- bad payloads
+
+@pytest.mark.parametrize("engine", ["software", "libqatzip"])
+def test_corrupt_members_are_refused(engine):
+    if engine == "libqatzip":
+        need_library()
+    pages = image(16, 13)
+    with MethodHarness(method("software")) as h:
+        good = bytearray(h.encode(pages))
+    bad_crc = bytearray(good)
+    bad_crc[-8] ^= 0xFF  # CRC-32 of the last member
+    bad_size = bytearray(good)
+    bad_size[-4] ^= 0x01  # its ISIZE
+    cases = {"crc": bytes(bad_crc), "isize": bytes(bad_size),
+             "truncated": bytes(good[:len(good) // 2]),
+             "garbage": b"\x1f\x8b" + bytes(100), "empty": b""}
+    for what, payload in cases.items():
+        with MethodHarness(method(engine)) as h, pytest.raises(MethodError):
+            h.decode(payload, 16)
+            pytest.fail(f"{what}: decoded")
+    # Cut inside the last trailer: libqatzip (like QEMU with it) still yields the exact pages;
+    # our software engine refuses. Either is safe: never wrong pages.
+    with MethodHarness(method(engine)) as h:
+        try:
+            out = h.decode(bytes(good[:-3]), 16)
+        except MethodError:
+            assert engine == "software"
+        else:
+            assert np.array_equal(out, pages)
+
+
+@pytest.mark.parametrize("engine", ["software", "libqatzip"])
+def test_bomb_is_bounded(engine):
+    """A small payload that inflates to 64 MiB: an error, with output never past the packet."""
+    if engine == "libqatzip":
+        need_library()
+    bomb = gzip.compress(bytes(64 << 20), 9)
+    assert len(bomb) < 100_000
+    pages = image(128, 16)
+    with MethodHarness(method(engine)) as h:
+        with pytest.raises(MethodError):
+            h.decode(bomb, 128)
+        # the channel's decoder still works afterwards (libqatzip's session is reset)
+        assert np.array_equal(h.roundtrip(pages), pages)
+
+
+def test_decode_never_writes_past_its_buffer():
+    out = bytearray(PAGE * 2 + 5)
+    payload = gzip.compress(bytes(PAGE * 3))
+    with pytest.raises(MethodError, match="more than"):
+        gzipqz.decode_into(memoryview(payload), memoryview(out)[:PAGE * 2], 0)
+    assert out[PAGE * 2:] == bytes(5)
+
+
+def test_many_tiny_members_stay_cheap():
+    """10 000 empty members then the data: decoded, without quadratic copying."""
+    data = image(2, 14).tobytes()
+    payload = gzip.compress(b"") * 10_000 + gzip.compress(data)
+    with MethodHarness(method("software")) as h:
+        assert h.decode(payload, 2).tobytes() == data
+
+
+def test_wrong_size_and_oversized_packets():
+    pages = image(8, 15)
+    with MethodHarness(method("software")) as h:
+        payload = h.encode(pages)
+        with pytest.raises(MethodError, match="packet size received 32768 size expected 36864"):
+            h.decode(payload, 9)
+        with pytest.raises(MethodError, match="unexpectedly large packet"):
+            h.decode(bytes((1 << 20) + 1), 1, max_payload=2 << 20)
+
+
+# ---------------------------------------------------------------- engine choice
+
+def test_forced_software_by_environment(monkeypatch):
+    monkeypatch.setenv(engines.ENV_ENGINE, "software")
+    assert method().engine == "software"
+    info = {e.name: e for e in Qatzip.engines()}
+    assert info["software"].available and "forced" in info["software"].reason
+    if library_loads():
+        assert not info["libqatzip"].available and "forced" in info["libqatzip"].reason
+
+
+def test_library_missing(monkeypatch, tmp_path):
+    missing = tmp_path / "libqatzip.so.3"
+    monkeypatch.setenv(_ffi.SPEC.env, str(missing))
+    with pytest.raises(LibraryNotFoundError) as err:
+        _ffi.load()
+    text = str(err.value)
+    assert str(missing) in text and "MULTIFD_QATZIP_LIBRARY" in text
+    assert "apt-get install libqatzip3" in text
+    info = {e.name: e for e in Qatzip.engines()}
+    assert not info["libqatzip"].available and str(missing) in info["libqatzip"].reason
+    assert method().engine == "software"
+    with pytest.raises(MultiFDError, match="not available"):
+        method("libqatzip")
+
+
+def test_library_that_is_not_qatzip(monkeypatch):
+    monkeypatch.setenv(_ffi.SPEC.env, zlib_path())
+    with pytest.raises(LibraryNotFoundError, match="no symbol qzInit"):
+        _ffi.load()
+
+
+def test_system_search_reports_where_it_looked(monkeypatch):
+    monkeypatch.delenv(_ffi.SPEC.env, raising=False)
+    monkeypatch.setattr(_native.ctypes.util, "find_library", lambda name: None)
+    spec = _native.LibrarySpec("libnothing", "MULTIFD_NOTHING_LIBRARY", "nothing",
+                               ("libnothing.so.9",), install="Install nothing.")
+    with pytest.raises(LibraryNotFoundError) as err:
+        _native.open_library(spec, _ffi.ffi)
+    text = str(err.value)
+    for part in ("$MULTIFD_NOTHING_LIBRARY (unset)", "find_library('nothing')",
+                 "libnothing.so.9", "Install nothing."):
+        assert part in text
+
+
+def test_cli_lists_the_engines():
+    out = subprocess.run([sys.executable, "-m", "multifd_core.cli", "methods", "--json"],
+                         capture_output=True, text=True, check=True, env=dict(os.environ))
+    report = json.loads(out.stdout)
+    qz = next(m for m in report["methods"] if m["name"] == "qatzip")
+    assert qz["code"] == 0x20
+    assert [e["name"] for e in qz["engines"]] == ["libqatzip", "software"]
+
+
+def zlib_path() -> str:
+    for p in glob.glob("/lib/*/libz.so.1") + glob.glob("/usr/lib/*/libz.so.1"):
+        return p
+    pytest.skip("no libz.so.1 to stand in for a wrong library")
+
+
+# ---------------------------------------------------------------- the binding's ABI
+
+# sizeof/offsetof of QATzip 1.3.1's qatzip.h structs, x86-64 LP64 (gcc 12 on that header).
+HEADER_LAYOUT = {
+    "QzSession_T": 40, "QzSession_T.internal": 16, "QzSession_T.total_out": 32,
+    "QzSessionParamsCommon_T": 48, "QzSessionParamsCommon_T.comp_lvl": 4,
+    "QzSessionParamsCommon_T.sw_backup": 16, "QzSessionParamsCommon_T.hw_buff_sz": 20,
+    "QzSessionParamsCommon_T.polling_mode": 40,
+    "QzSessionParamsCommon_T.is_sensitive_mode": 44,
+    "QzSessionParamsDeflate_T": 56, "QzSessionParamsDeflate_T.huffman_hdr": 48,
+    "QzSessionParamsDeflate_T.data_fmt": 52,
+    "QzStatus_T": 544, "QzStatus_T.memory_alloced": 8, "QzStatus_T.hw_session_status": 24,
+    "QzStatus_T.algo_hw": 287,
+}
+
+
+def cffi_layout(ffi, key: str) -> int:
+    if "." in key:
+        struct_name, field = key.split(".", 1)
+        return ffi.offsetof(struct_name, field)
+    return ffi.sizeof(key)
+
+
+@pytest.mark.skipif(sys.maxsize <= 2**32 or sys.platform != "linux", reason="LP64 Linux layout")
+def test_declarations_match_the_header_layout():
+    for key, expected in HEADER_LAYOUT.items():
+        assert cffi_layout(_ffi.ffi, key) == expected, key
+
+
+def test_declarations_match_the_installed_header(tmp_path):
+    """Compile every declared struct's sizeof/offsetof against the real qatzip.h."""
+    headers = [p for p in (os.environ.get("MULTIFD_QATZIP_HEADER"), str(CACHE_HEADER),
+                           "/usr/include/qatzip.h") if p and os.path.exists(p)]
+    if not headers:
+        require(False, "qatzip.h not found: run scripts/setup-system.sh as root (it unpacks "
+                       "libqatzip-dev), or set MULTIFD_QATZIP_HEADER")
+        return
+    ffi = _ffi.ffi
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <qatzip.h>", "int main(){"]
+    checks = []
+    for name in ("QzSession_T", "QzSessionParamsCommon_T", "QzSessionParamsDeflate_T",
+                 "QzStatus_T"):
+        checks.append((name, f"sizeof({name})", ffi.sizeof(name)))
+        for field, _ in ffi.typeof(name).fields:
+            checks.append((f"{name}.{field}", f"offsetof({name}, {field})",
+                           ffi.offsetof(name, field)))
+    lines += [f'printf("%zu\\n", (size_t){expr});' for _, expr, _ in checks] + ["}"]
+    src = tmp_path / "layout.c"
+    src.write_text("\n".join(lines))
+    cc = subprocess.run(["cc", "-I", os.path.dirname(headers[0]), "-o", str(tmp_path / "l"),
+                         str(src)], capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr
+    got = subprocess.run([str(tmp_path / "l")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    for (key, _, ours), theirs in zip(checks, got, strict=True):
+        assert ours == int(theirs), key
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("engine", ["software", "libqatzip"])
+def test_loopback_migration_per_engine(engine):
+    loopback = pytest.importorskip("multifd_core.loopback")
+    from multifd_core.ram import RamBlock
+
+    if engine == "libqatzip":
+        need_library()
+    block = RamBlock.zeros("pc.ram", 300 * PAGE)
+    block.array[:] = image(300, 21).reshape(-1)
+    dest, stats = loopback.migrate([block], method="qatzip", channels=2, engine=engine,
+                                   level=3)
+    assert np.array_equal(dest[0].array, block.array)
+    assert stats.normal_pages > 0
