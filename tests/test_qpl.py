@@ -21,8 +21,10 @@ from multifd_core.method import MethodOptions
 from multifd_core.testing import MethodConformance, in_ci, make_pages, mixed_pages, require
 
 try:
-    from multifd_qpl import _ffi, container, engines, software
+    from multifd_qpl import _ffi, engines, software
     from multifd_qpl.method import Qpl
+
+    from multifd_core import perpage
 except ImportError:  # pragma: no cover - depends on the environment
     if in_ci():
         raise
@@ -82,13 +84,13 @@ def test_each_backend_round_trips_and_crosses(backend):
     if backend == "isal":
         require(software._isal is not None, "the isal package is not installed: pip install isal")
     pages = image(128, 4)
-    rows = container.page_rows(pages)
+    rows = perpage.page_rows(pages)
     a = software.DeflateCodec(PAGE, 0, backend)
     other = software.DeflateCodec(PAGE, 0, "zlib" if backend == "isal" else backend)
-    payload = b"".join(bytes(p) for p in container.pack(rows, a.compress_pages(rows), PAGE))
+    payload = b"".join(bytes(p) for p in perpage.pack(rows, a.compress_pages(rows), PAGE))
     for codec in (a, other):
         out = bytearray(len(rows) * PAGE)
-        container.unpack_into(memoryview(payload), len(rows), PAGE, memoryview(out),
+        perpage.unpack_into(memoryview(payload), len(rows), PAGE, memoryview(out),
                               codec.decode, 0, "qpl")
         assert bytes(out) == pages.tobytes()
 
@@ -289,11 +291,11 @@ def test_python_loop_overhead_is_small():
     import time
 
     pages = image(128, 11)
-    rows = container.page_rows(pages)
+    rows = perpage.page_rows(pages)
     blobs = [b"x" * 100] * 128
     t = time.perf_counter()
     for _ in range(50):
-        container.pack(container.page_rows(pages), list(blobs), PAGE)
+        perpage.pack(perpage.page_rows(pages), list(blobs), PAGE)
     per_page = (time.perf_counter() - t) / 50 / 128
     assert per_page < 5e-6 or os.environ.get("MULTIFD_SLOW_MACHINE"), per_page
     assert len(rows) == 128

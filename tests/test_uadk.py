@@ -217,12 +217,3 @@ def test_loopback_migration_software():
     assert np.array_equal(dest[0].array, block.array)
 
 
-def test_shared_modules_stay_identical():
-    """container.py (qpl, uadk) and _native.py (all three) are copies, one per distribution."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1] / "plugins"
-    for name, plugins in (("container.py", ("qpl", "uadk")),
-                          ("_native.py", ("qpl", "uadk", "qatzip"))):
-        texts = {(root / p / f"multifd_{p}" / name).read_text() for p in plugins}
-        assert len(texts) == 1, f"{name} differs between {', '.join(plugins)}"

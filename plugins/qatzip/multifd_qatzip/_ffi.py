@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import cffi
 
-from multifd_qatzip._native import LibrarySpec, OpenLibrary, open_library
+from multifd_core.native import LibrarySpec, OpenLibrary, open_library
 
 HEADER_VERSION = "QATzip 1.3.1 qatzip.h (API 2.5)"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import cffi
 
-from multifd_qpl._native import LibrarySpec, OpenLibrary, open_library
+from multifd_core.native import LibrarySpec, OpenLibrary, open_library
 
 HEADER_VERSION = "Intel QPL 1.x c_api/job.h (intel/qpl 06c1d51)"
 

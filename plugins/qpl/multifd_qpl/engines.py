@@ -1,5 +1,5 @@
 """The engines of the qpl method: Intel IAA through libqpl's hardware path, or software raw
-DEFLATE (ISA-L or zlib). Both produce QEMU's per-page container (``container.py``).
+DEFLATE (ISA-L or zlib). Both produce QEMU's per-page container (``multifd_core.perpage``).
 
 Choice, per endpoint: ``MethodOptions.engine`` (``iaa`` or ``software``), else the first
 available: ``iaa`` when libqpl loads and an IAA device accepts a hardware job, else
@@ -12,9 +12,10 @@ import os
 import threading
 from typing import Any
 
+from multifd_core import perpage
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
-from multifd_qpl import _ffi, container, software
+from multifd_qpl import _ffi, software
 
 ENV_ENGINE = "MULTIFD_QPL_ENGINE"
 HARDWARE_ENGINE = "iaa"
@@ -32,10 +33,10 @@ class SoftwareEngine:
         self.out = bytearray(0)  # receive buffer, sized by the method
 
     def compress(self, rows: list[memoryview]) -> list[Any]:
-        return container.pack(rows, self.codec.compress_pages(rows), self.page_size)
+        return perpage.pack(rows, self.codec.compress_pages(rows), self.page_size)
 
     def decompress_into(self, payload: memoryview, normal: int, out: memoryview) -> None:
-        container.unpack_into(payload, normal, self.page_size, out, self.codec.decode,
+        perpage.unpack_into(payload, normal, self.page_size, out, self.codec.decode,
                               self.codec.channel, "qpl")
 
     def close(self) -> None:
@@ -105,11 +106,11 @@ class IaaEngine:
         for i, job in enumerate(self.jobs[:len(rows)]):
             if submitted[i] and self.lib.qpl_wait_job(job) == _ffi.QPL_STS_OK:
                 blobs[i] = ffi.buffer(self.zbuf + i * size, job.total_out)
-        return container.pack(rows, blobs, size)
+        return perpage.pack(rows, blobs, size)
 
     def decompress_into(self, payload: memoryview, normal: int, out: memoryview) -> None:
         ffi, size = _ffi.ffi, self.page_size
-        lens, offsets = container.lengths(payload, normal, size, self.channel, "qpl")
+        lens, offsets = perpage.lengths(payload, normal, size, self.channel, "qpl")
         src = ffi.from_buffer("uint8_t[]", payload)
         dst = ffi.from_buffer("uint8_t[]", out, require_writable=True)
         pending: list[int] = []

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from multifd_core import perpage
 from multifd_core.context import ChannelContext, RecvPacket, SendPacket
 from multifd_core.errors import MultiFDError
 from multifd_core.hookspecs import hookimpl
 from multifd_core.method import EngineInfo, Method, MethodOptions
 from multifd_core.wire import page_count
-from multifd_qpl import container, engines, software
+from multifd_qpl import engines, software
 
 
 class Qpl(Method):
@@ -46,7 +47,7 @@ class Qpl(Method):
 
     @hookimpl
     def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[Any]:
-        return channel.state.compress(container.page_rows(packet.pages()))
+        return channel.state.compress(perpage.page_rows(packet.pages()))
 
     @hookimpl
     def send_cleanup(self, channel: ChannelContext) -> None:

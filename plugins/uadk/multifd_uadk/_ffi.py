@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import cffi
 
-from multifd_uadk._native import LibrarySpec, OpenLibrary, open_library
+from multifd_core.native import LibrarySpec, OpenLibrary, open_library
 
 HEADER_VERSION = "UADK 2.x wd_comp.h / wd_sched.h / wd_alg_common.h (Linaro/uadk)"
 

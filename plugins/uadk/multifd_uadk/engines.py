@@ -17,9 +17,10 @@ import threading
 import zlib
 from typing import Any
 
+from multifd_core import perpage
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
-from multifd_uadk import _ffi, container, software
+from multifd_uadk import _ffi, software
 
 ENV_ENGINE = "MULTIFD_UADK_ENGINE"
 HARDWARE_ENGINE = "uadk"
@@ -39,11 +40,11 @@ class SoftwareEngine:
 
     def compress(self, rows: list[memoryview]) -> list[Any]:
         if not self.software_compress:
-            return container.pack(rows, [None] * len(rows), self.page_size)
-        return container.pack(rows, [self.codec.compress(r) for r in rows], self.page_size)
+            return perpage.pack(rows, [None] * len(rows), self.page_size)
+        return perpage.pack(rows, [self.codec.compress(r) for r in rows], self.page_size)
 
     def decompress_into(self, payload: memoryview, normal: int, out: memoryview) -> None:
-        container.unpack_into(payload, normal, self.page_size, out, self.codec.decode,
+        perpage.unpack_into(payload, normal, self.page_size, out, self.codec.decode,
                               self.channel, "uadk")
 
     def close(self) -> None:
@@ -127,11 +128,11 @@ class UadkEngine:
             n = self._run(self.lib.WD_DIR_COMPRESS, ffi.from_buffer("uint8_t[]", row), size,
                           dst, 2 * size)
             blobs.append(ffi.buffer(dst, n) if n < size else None)
-        return container.pack(rows, blobs, size)
+        return perpage.pack(rows, blobs, size)
 
     def decompress_into(self, payload: memoryview, normal: int, out: memoryview) -> None:
         ffi, size = _ffi.ffi, self.page_size
-        lens, offsets = container.lengths(payload, normal, size, self.channel, "uadk")
+        lens, offsets = perpage.lengths(payload, normal, size, self.channel, "uadk")
         src = ffi.from_buffer("uint8_t[]", payload)
         dst = ffi.from_buffer("uint8_t[]", out, require_writable=True)
         for i, (off, n) in enumerate(zip(offsets, lens, strict=True)):

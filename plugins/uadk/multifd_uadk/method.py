@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from multifd_core import perpage
 from multifd_core.context import ChannelContext, RecvPacket, SendPacket
 from multifd_core.hookspecs import hookimpl
 from multifd_core.method import EngineInfo, Method, MethodOptions
 from multifd_core.wire import page_count
-from multifd_uadk import container, engines
+from multifd_uadk import engines
 
 
 class Uadk(Method):
@@ -44,7 +45,7 @@ class Uadk(Method):
 
     @hookimpl
     def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[Any]:
-        return channel.state.compress(container.page_rows(packet.pages()))
+        return channel.state.compress(perpage.page_rows(packet.pages()))
 
     @hookimpl
     def send_cleanup(self, channel: ChannelContext) -> None:

@@ -1,4 +1,4 @@
-"""Finding and opening a vendor's shared library (the same small module in each hardware plugin).
+"""Finding and opening a vendor's shared library with cffi, for method plugins.
 
 Lookup order: the file named by the plugin's environment variable (an error if it is set and
 cannot be opened: no silent fallback), then ``ctypes.util.find_library``, then the known
@@ -14,9 +14,10 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cffi
+if TYPE_CHECKING:
+    import cffi
 
 from multifd_core.errors import LibraryNotFoundError
 

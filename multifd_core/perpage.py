@@ -1,4 +1,4 @@
-"""The per-page container shared by QEMU's qpl and uadk methods.
+"""The per-page container of QEMU's qpl and uadk methods (one format, two methods).
 
 Payload = ``be32 len[normal]`` then the page blobs in offset order. ``len == PAGE`` means the
 blob is the raw page; otherwise it is the page compressed on its own (< PAGE bytes).
