@@ -22,6 +22,19 @@ class ChannelContext:
     stats: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class ChannelStats:
+    """What one channel moved: data and SYNC packets, pages, payload and wire bytes."""
+
+    packets: int = 0
+    sync_packets: int = 0
+    normal_pages: int = 0
+    zero_pages: int = 0
+    payload_bytes: int = 0
+    wire_bytes: int = 0
+    max_packet_num: int = 0
+
+
 class SendPacket:
     """The normal (non-zero) pages of one packet, all from one RAM block.
 

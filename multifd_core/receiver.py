@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from multifd_core.context import ChannelContext, RecvPacket
+from multifd_core.context import ChannelContext, ChannelStats, RecvPacket
 from multifd_core.errors import MultiFDError, TransportError, WireError
 from multifd_core.method import Method
 from multifd_core.pages import offsets_to_index, page_runs
@@ -45,17 +45,6 @@ from multifd_core.wire import (
 
 log = logging.getLogger("multifd.receiver")
 _POLL = 0.2
-
-
-@dataclass
-class RecvChannelStats:
-    packets: int = 0
-    sync_packets: int = 0
-    normal_pages: int = 0
-    zero_pages: int = 0
-    payload_bytes: int = 0
-    wire_bytes: int = 0
-    max_packet_num: int = 0
 
 
 @dataclass
@@ -91,7 +80,7 @@ class Receiver:
         self._seen: set[int] = set()
         self._threads: dict[int, threading.Thread] = {}
         self._socks: dict[int, socket.socket] = {}
-        self.stats = [RecvChannelStats() for _ in range(channels)]
+        self.stats = [ChannelStats() for _ in range(channels)]
         self._error: BaseException | None = None
         self._finished = False
         self.rounds = 0
@@ -189,7 +178,7 @@ class Receiver:
             sem.release()
         return max(s.max_packet_num for s in self.stats)
 
-    def finish(self, timeout: float | None = None) -> list[RecvChannelStats]:
+    def finish(self, timeout: float | None = None) -> list[ChannelStats]:
         """Wait until every channel has reached EOF; raise the first channel error."""
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -363,7 +352,7 @@ class Receiver:
                             field="payload", received="unread", expected="read by recv")
 
     def _device_state(self, sock: socket.socket, view: memoryview,
-                      st: RecvChannelStats) -> None:
+                      st: ChannelStats) -> None:
         try:
             recv_into_all(sock, view[HEADER_LEN:DEVICE_STATE_LEN], "a device state packet")
         except PeerClosed:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from multifd_core.context import ChannelContext, SendPacket
+from multifd_core.context import ChannelContext, ChannelStats, SendPacket
 from multifd_core.errors import MultiFDError, TransportError
 from multifd_core.method import Method
 from multifd_core.packetizer import plan_batch
@@ -39,16 +39,6 @@ from multifd_core.wire import (
 _POLL = 0.2
 #: Packets per channel job: the batch a channel plans at once.
 BATCH_PACKETS = 16
-
-
-@dataclass
-class ChannelStats:
-    packets: int = 0
-    sync_packets: int = 0
-    normal_pages: int = 0
-    zero_pages: int = 0
-    payload_bytes: int = 0
-    wire_bytes: int = 0
 
 
 @dataclass
