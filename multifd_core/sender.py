@@ -239,23 +239,29 @@ class Sender:
     # ------------------------------------------------------------------ the migration thread
 
     def queue_pages(self, block: RamBlock, index: np.ndarray | None = None) -> None:
-        """Send pages ``index`` (page numbers, ascending) of ``block``."""
-        if index is None:
-            index = np.arange(block.n_pages, dtype=np.int64)
-        else:
-            index = np.asarray(index, dtype=np.int64)
+        """Send pages ``index`` (page numbers, ascending) of ``block``; None: every page.
+
+        A whole block is cut into page ranges job by job, so the sender's memory does not
+        grow with the size of the block."""
         if block.page_size != self.page_size:
             raise MultiFDError(f"ramblock {block.name} has page size {block.page_size}, "
                                f"the session {self.page_size}")
-        if len(index) and (int(index.min()) < 0 or int(index.max()) >= block.n_pages):
-            raise MultiFDError(f"page index out of range for ramblock {block.name}")
+        if index is not None:
+            index = np.asarray(index, dtype=np.int64)
+            if len(index) and (int(index.min()) < 0 or int(index.max()) >= block.n_pages):
+                raise MultiFDError(f"page index out of range for ramblock {block.name}")
+        total = block.n_pages if index is None else len(index)
         # Jobs of up to BATCH_PACKETS packets, smaller when there are few, so every channel
         # gets work.
-        packets = -(-len(index) // self.pages_per_packet)
+        packets = -(-total // self.pages_per_packet)
         per_job = max(1, min(BATCH_PACKETS, packets // (2 * len(self.channels))))
         step = per_job * self.pages_per_packet
-        for start in range(0, len(index), step):
-            self._put(("data", block, index[start : start + step]))
+        for start in range(0, total, step):
+            if index is None:
+                pages = np.arange(start, min(start + step, total), dtype=np.int64)
+            else:
+                pages = index[start : start + step]
+            self._put(("data", block, pages))
 
     def _put(self, job: tuple[Any, ...]) -> None:
         def put(t: float) -> None:

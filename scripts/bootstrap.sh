@@ -17,7 +17,7 @@ fi
 stamp=.venv/.multifd-installed
 want=$(cat pyproject.toml plugins/*/pyproject.toml examples/*/pyproject.toml 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  args=(-e ".[test]")
+  args=(-e ".[test,bench]")
   for d in plugins/*/ examples/*/; do
     [ -f "$d/pyproject.toml" ] && args+=(-e "$d")
   done

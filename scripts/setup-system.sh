@@ -19,6 +19,11 @@ fi
 codename=${VERSION_CODENAME:-bookworm}
 export DEBIAN_FRONTEND=noninteractive
 
+# iproute2 (ip, tc) for the benchmark's rate-limited links between network namespaces.
+if ! command -v tc >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+fi
+
 qemu_ok() {
   command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
   v=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1)

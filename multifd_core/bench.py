@@ -1,0 +1,62 @@
+"""``multifd bench``: the performance suite (physical limits, every method and engine, memory,
+rate-limited links with ``auto``'s choice, QEMU rows), as a table, JSON and PNG charts.
+
+The measurements live in the source checkout's ``benchmarks/`` directory (``bench_suite``),
+which this command loads; an installed wheel without it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from multifd_core.errors import MultiFDError
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_suite() -> ModuleType:
+    """``benchmarks/bench_suite.py`` of this checkout (its directory goes on ``sys.path``)."""
+    if not (BENCHMARKS / "bench_suite.py").is_file():
+        raise MultiFDError(f"multifd bench needs the source checkout's benchmarks/ directory "
+                           f"(not found at {BENCHMARKS}); install multifd-core editable from "
+                           "a clone: pip install -e .")
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module("bench_suite")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return int(load_suite().run(args))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    b = sub.add_parser("bench", help="the performance suite on the embedded mixed image",
+                       description=__doc__)
+    b.add_argument("--size-mib", type=int, default=None,
+                   help="image size (default 1024; 16 with --quick)")
+    b.add_argument("--quick", action="store_true",
+                   help="smoke mode: a small image, none + one compressing method, 1 link")
+    b.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
+    b.add_argument("--charts", metavar="DIR", help="draw PNG charts (needs matplotlib)")
+    b.add_argument("--methods", nargs="+", default=None,
+                   help="methods of the matrix (default: every installed, available one)")
+    b.add_argument("--channels", nargs="+", type=int, default=None,
+                   help="channel counts of the matrix (default 1 2 4)")
+    b.add_argument("--slow-size-mib", type=int, default=256,
+                   help="image size for slow methods (zlib above level 1, qatzip)")
+    b.add_argument("--link-size-mib", type=int, default=512,
+                   help="image size on the rate-limited links")
+    b.add_argument("--sections", nargs="+", choices=("matrix", "rss", "links", "qemu"),
+                   default=None, help="run only these parts (the physical limits always run)")
+    b.add_argument("--no-link", action="store_true", help="skip the namespace/tbf links")
+    b.add_argument("--no-rss", action="store_true", help="skip the RSS-vs-image-size runs")
+    b.add_argument("--qemu", action="store_true",
+                   help="add QEMU->QEMU and QEMU->our-capture rows (needs QEMU 10)")
+    b.add_argument("--timeout", type=float, default=300.0, help="seconds per migration")
+    b.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir "
+                                                   "next to the image cache)")
+    b.set_defaults(func=cmd_bench)

@@ -1,0 +1,163 @@
+"""``multifd bench --quick`` end to end (16 MiB image), the auto method choice, the link probe."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from multifd_core.auto import Candidate, choose_method, probe_receive, probe_send
+from multifd_core.image import fill_mixed
+from multifd_core.ram import RamBlock
+from multifd_core.registry import default_registry
+
+REPO = Path(__file__).resolve().parents[1]
+CI = bool(os.environ.get("CI"))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "multifd_core.cli", "bench", "--quick",
+                           "--size-mib", "16", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "physical limits" in proc.stdout and "load average" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def _side_ok(side: dict[str, Any]) -> None:
+    assert side["cpu_s"] > 0
+    assert side["maxrss_kib"] > 0
+    assert 0 < side["rss_anon_peak_kib"] < side["maxrss_kib"]
+
+
+def test_quick_bench_json_shape(quick: dict[str, Any]) -> None:
+    assert quick["version"] == 1
+    assert len(quick["host"]["loadavg_start"]) == 3 and len(quick["host"]["loadavg_end"]) == 3
+    assert quick["image"]["size_mib"] == 16
+    lim = quick["limits"]
+    for key in ("memcopy_bytes_per_s", "first_touch_anon_bytes_per_s",
+                "first_touch_file_bytes_per_s", "zero_scan_bytes_per_s"):
+        assert lim[key] > 0, key
+    assert set(lim["socket_loopback"]) == {"1", "4"}
+    runs = quick["runs"]
+    assert {r["method"] for r in runs} >= {"none"} and len(runs) >= 2
+    for r in runs:
+        assert "error" not in r, r
+        assert r["transfer_s"] > 0 and r["ram_bytes"] == 16 << 20
+        assert r["ram_gb_s"] == pytest.approx(r["ram_bytes"] / r["transfer_s"] / 1e9, rel=0.01)
+        assert r["wire_bytes"] > 0 and r["ratio"] > 0
+        _side_ok(r["sender"])
+        _side_ok(r["receiver"])
+    none = next(r for r in runs if r["method"] == "none")
+    assert none["ratio"] == pytest.approx(1.0)
+    assert none["zero_pages"] > 0 and none["normal_pages"] > 0
+
+
+def test_quick_bench_rss_scaling(quick: dict[str, Any]) -> None:
+    rss = quick["rss"]
+    assert rss["sizes_mib"] == [16, 64]
+    small, big = rss["runs"]
+    assert big["ram_bytes"] == 4 * small["ram_bytes"]
+    # ru_maxrss counts mapped file pages and grows with the image; RssAnon must not
+    assert rss["sender_maxrss_kib_ratio"] > 1.2
+    assert rss["anon_within_10pct"] is True
+
+
+def test_quick_bench_links(quick: dict[str, Any]) -> None:
+    links = quick["links"]
+    if "skipped" in links:
+        assert os.geteuid() != 0, links["skipped"]
+        return
+    (entry,) = links["links"]
+    assert entry["rate"] == "1gbit"
+    assert 50e6 < entry["probe"]["bytes_per_s"] < 130e6  # tbf at 1 Gbit/s
+    assert all("error" not in r for r in entry["runs"])
+    auto = entry["auto"]
+    assert auto["choice"] in {c["label"] for c in auto["candidates"]}
+    assert "fastest_measured" in auto and "regret" in auto
+
+
+def test_charts_from_quick_result(quick: dict[str, Any], tmp_path: Path) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if CI:
+            raise
+        pytest.skip("charts need matplotlib: pip install matplotlib")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench_charts import draw_charts
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    paths = draw_charts(quick, str(tmp_path))
+    assert len(paths) >= 2
+    for p in paths:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def mixed_block() -> RamBlock:
+    ram = np.zeros(8 << 20, dtype=np.uint8)
+    fill_mixed(ram.reshape(-1, 4096), seed=5)
+    return RamBlock("pc.ram", ram)
+
+
+def test_auto_prefers_compression_on_a_slow_link(mixed_block: RamBlock) -> None:
+    cands = [Candidate("none"), Candidate("zlib", 1)]
+    if "zlib" not in default_registry():
+        if CI:
+            pytest.fail("zlib plugin missing")
+        pytest.skip("needs the zlib plugin: pip install -e plugins/zlib")
+    name, report = choose_method([mixed_block], default_registry(), 2, 1e6, candidates=cands)
+    assert name == "zlib" and report["choice"] == "zlib:1"
+    assert report["sample"]["normal_fraction"] == pytest.approx(0.6, abs=0.05)
+    preds = {c["label"]: c for c in report["candidates"]}
+    assert preds["zlib:1"]["ratio"] > 1.2 and preds["none"]["ratio"] == pytest.approx(1.0)
+    assert preds["none"]["bound"] == "link"
+
+
+def test_auto_prefers_none_on_a_fast_link(mixed_block: RamBlock) -> None:
+    if "zlib" not in default_registry():
+        pytest.skip("needs the zlib plugin: pip install -e plugins/zlib")
+    cands = [Candidate("zlib", 1), Candidate("none")]
+    name, report = choose_method([mixed_block], default_registry(), 2, 1e12, candidates=cands)
+    assert name == "none"
+    assert report["candidates"][-1]["label"] == "zlib:1"
+    assert report["candidates"][-1]["bound"] == "sender"
+
+
+def test_link_probe_counts_every_byte() -> None:
+    pairs = [socket.socketpair() for _ in range(2)]
+    got: dict[str, Any] = {}
+    reader = threading.Thread(target=lambda: got.update(
+        r=probe_receive([b for _, b in pairs])))
+    reader.start()
+    sent = probe_send([a for a, _ in pairs], 0.2)
+    reader.join(10)
+    n, seconds = got["r"]
+    assert n == sent > 0 and seconds > 0
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+def test_auto_never_prefers_a_method_that_does_not_compress(mixed_block: RamBlock) -> None:
+    from multifd_core.auto import Prediction, _dominated_by_none
+
+    def pred(label: str, ratio: float, seconds: float) -> Prediction:
+        return Prediction(label, label, None, None, ratio, 1e9, 1e9, 1, seconds, seconds,
+                          seconds, seconds, "link")
+
+    rows = [pred("none", 1.0, 1.0), pred("raw", 0.999, 0.5), pred("zstd", 1.5, 0.8)]
+    assert _dominated_by_none(rows) == {"raw"}
+    assert _dominated_by_none(rows[1:]) == set()
