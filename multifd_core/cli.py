@@ -16,8 +16,14 @@ from multifd_core import __version__
 from multifd_core.errors import MultiFDError
 from multifd_core.ram import RamBlock
 from multifd_core.registry import MethodRegistry, default_registry
-from multifd_core.session import FileOutput, ReceiveSession, send_session
-from multifd_core.transport import listen, parse_address
+from multifd_core.session import DEFAULT_MAX_RAM, FileOutput, ReceiveSession, send_session
+from multifd_core.transport import (
+    client_context,
+    is_loopback,
+    listen,
+    parse_address,
+    server_context,
+)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -116,29 +122,72 @@ def cmd_send(args: argparse.Namespace) -> int:
     try:
         stats = send_session(blocks, addr, method=args.compression, channels=args.channels,
                              level=args.level, engine=args.engine, timeout=args.timeout,
-                             connect_timeout=args.connect_timeout, on_sender=progress.attach)
+                             connect_timeout=args.connect_timeout, on_sender=progress.attach,
+                             tls=_client_tls(args), tls_hostname=args.tls_hostname)
     finally:
         progress.close()
     _print_summary(stats.as_dict(), args.json)
     return 0
 
 
+def _client_tls(args: argparse.Namespace) -> Any:
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    return client_context(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def _server_tls(args: argparse.Namespace) -> Any:
+    if not args.tls_cert:
+        if args.tls_key or args.tls_ca or args.tls_verify_peer:
+            raise MultiFDError("TLS on recv needs --tls-cert (and --tls-key unless the "
+                               "certificate file holds the key)")
+        return None
+    return server_context(args.tls_cert, args.tls_key, args.tls_ca,
+                          verify_peer=args.tls_verify_peer)
+
+
+def parse_size(text: str) -> int:
+    """``1024``, ``64M``, ``1G``, ``1T`` (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: expected e.g. 512M, 64G, 1T"
+                                         ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return value
+
+
 def cmd_recv(args: argparse.Namespace) -> int:
     addr = parse_address(args.listen)
-    if addr.kind == "tcp" and addr.host not in ("127.0.0.1", "::1", "localhost") \
-            and not args.allow_remote:
+    if addr.kind == "tcp" and not is_loopback(addr.host) and not args.allow_remote:
         raise MultiFDError(f"refusing to listen on {addr.host}: recv listens on loopback unless "
                            "--allow-remote is given")
-    out = FileOutput(args.out)
+    if not 1 <= args.max_channels <= 255:
+        raise MultiFDError(f"--max-channels {args.max_channels} out of range 1..255")
+    tls = _server_tls(args)
+    out = FileOutput(args.out, preallocate=not args.sparse)
     listener = listen(addr)
-    try:
-        session = ReceiveSession(listener, out.allocate, method=args.compression,
-                                 timeout=args.timeout, max_channels=args.max_channels)
-        stats = session.serve()
+    ok = False
+
+    def commit(stats: Any) -> None:
         out.commit(stats.digests, {"method": stats.method, "page_size": stats.page_size,
                                    "statistics": stats.as_dict()})
+
+    try:
+        session = ReceiveSession(listener, out.allocate, method=args.compression,
+                                 timeout=args.timeout, max_channels=args.max_channels,
+                                 max_ram=args.max_ram, tls=tls, on_verified=commit)
+        stats = session.serve()
+        ok = True
     finally:
-        out.close()
+        if ok or args.keep_partial:
+            out.close()
+        else:
+            out.discard()
         listener.close()
         if addr.kind == "unix":
             try:
@@ -147,6 +196,23 @@ def cmd_recv(args: argparse.Namespace) -> int:
                 pass
     _print_summary(stats.as_dict(), args.json)
     return 0
+
+
+def _add_tls(p: argparse.ArgumentParser, server: bool) -> None:
+    g = p.add_argument_group("TLS (main and multifd channels, as QEMU's tls-creds)")
+    g.add_argument("--tls-cert", metavar="PEM",
+                   help="this end's certificate (required on recv for TLS; on send, presented "
+                        "for mutual authentication)")
+    g.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    g.add_argument("--tls-ca", metavar="PEM",
+                   help="CA certificate(s) that sign the peer's certificate" +
+                        ("" if server else "; enables TLS on send"))
+    if server:
+        g.add_argument("--tls-verify-peer", action="store_true",
+                       help="require a client certificate signed by --tls-ca")
+    else:
+        g.add_argument("--tls-hostname", metavar="NAME", default=None,
+                       help="name the receiver's certificate must carry (default: the host)")
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
@@ -192,17 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without progress before giving up")
     s.add_argument("--connect-timeout", type=float, default=10.0)
     s.add_argument("--json", action="store_true", help="print one JSON summary")
+    _add_tls(s, server=False)
     s.set_defaults(func=cmd_send)
 
-    r = sub.add_parser("recv", help="receive one session into a directory")
+    r = sub.add_parser("recv", help="receive one session into a directory (recv serves "
+                                    "exactly one session, then exits)")
     r.add_argument("--listen", required=True, metavar="ADDRESS")
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--compression", "-c", metavar="METHOD", default=None)
-    r.add_argument("--timeout", type=float, default=60.0)
-    r.add_argument("--max-channels", type=int, default=255)
+    r.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds without progress before giving up (also: how long to wait "
+                        "for a sender)")
+    r.add_argument("--max-channels", type=int, default=255,
+                   help="refuse sessions with more multifd channels")
+    r.add_argument("--max-ram", type=parse_size, default=DEFAULT_MAX_RAM, metavar="SIZE",
+                   help="refuse sessions declaring more RAM in all (default 1T)")
+    r.add_argument("--sparse", action="store_true",
+                   help="keep output files sparse instead of reserving their space up front "
+                        "(a disk that fills up mid-session then kills the receiver)")
+    r.add_argument("--keep-partial", action="store_true",
+                   help="keep the *.partial files of a failed session")
     r.add_argument("--allow-remote", action="store_true",
                    help="allow listening on a non-loopback address")
     r.add_argument("--json", action="store_true")
+    _add_tls(r, server=True)
     r.set_defaults(func=cmd_recv)
 
     d = sub.add_parser("demo", help="the main job: migrate a generated 1 GiB mixed image with "

@@ -70,7 +70,7 @@ def decode_frame(header: bytes | memoryview) -> tuple[Msg, int]:
 def decode_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireError("session message is not valid JSON", field="body",
                         received=str(exc)[:80], expected="a JSON object") from None
     if not isinstance(body, dict):
@@ -118,7 +118,7 @@ def parse_hello(body: dict[str, Any], *, max_channels: int = 255,
     """Validate a HELLO body: every field, with limits on what a peer can make us allocate."""
     uuid = _get(body, "uuid", str, "session uuid")
     if not _HEX32.match(uuid):
-        raise WireError("bad session uuid", field="uuid", received=uuid[:40],
+        raise WireError("bad session uuid", field="uuid", received=ascii(uuid[:40]),
                         expected="32 hex digits")
     page_size = _get(body, "page_size", int, "page size")
     check_page_size(page_size)
@@ -139,10 +139,11 @@ def parse_hello(body: dict[str, Any], *, max_channels: int = 255,
                             expected="an object with name and length")
         name = _get(item, "name", str, "ramblock name")
         length = _get(item, "length", int, "ramblock length")
-        raw = name.encode()
-        if not raw or len(raw) >= RAMBLOCK_NAME_LEN or "\0" in name or name in seen:
-            raise WireError("bad ramblock name", field="blocks.name", received=name[:60],
-                            expected="1..255 bytes, no NUL, unique")
+        raw = name.encode("utf-8", "replace")
+        if (not raw or len(raw) >= RAMBLOCK_NAME_LEN or "\0" in name or name in seen
+                or not _encodable(name)):
+            raise WireError("bad ramblock name", field="blocks.name", received=ascii(name[:60]),
+                            expected="1..255 bytes of UTF-8, no NUL, unique")
         if length <= 0 or length % page_size:
             raise WireError(f"bad length for ramblock {name}", field="blocks.length",
                             received=length, expected=f"a positive multiple of {page_size}")
@@ -169,6 +170,15 @@ def parse_hello(body: dict[str, Any], *, max_channels: int = 255,
         raise WireError("bad level", field="level", received=repr(level)[:40],
                         expected="an integer or null")
     return Hello(bytes.fromhex(uuid), page_size, channels, blocks, offers, method, level)
+
+
+def _encodable(text: str) -> bool:
+    """False for strings JSON can carry but UTF-8 cannot (lone surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _hint(name: str) -> str:

@@ -7,9 +7,12 @@ complete only after every block's sha256 matched the sender's.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import selectors
 import socket
+import ssl
 import threading
 import time
 import uuid as uuidlib
@@ -44,7 +47,8 @@ from multifd_core.receiver import Receiver
 from multifd_core.registry import MethodRegistry, default_registry
 from multifd_core.sender import Sender
 from multifd_core.sockio import PeerClosed, recv_into_all, sendmsg_all
-from multifd_core.transport import Address, accept, connect
+from multifd_core.transport import Address, ConnectionGate, connect
+from multifd_core.wire import INIT_LEN, decode_init
 from multifd_core.wire import MAGIC as MULTIFD_MAGIC
 
 log = logging.getLogger("multifd.session")
@@ -107,27 +111,33 @@ class SessionStats:
 def _send_msg(sock: socket.socket, kind: Msg, body: dict[str, Any]) -> None:
     try:
         sendmsg_all(sock, [encode(kind, body)])
+    except TimeoutError:
+        raise TransportError(f"main channel: the peer stopped reading (no progress for "
+                             f"{sock.gettimeout()} s)") from None
     except OSError as exc:
         raise TransportError(f"main channel: send failed: {exc}") from None
 
 
 def _recv_msg(sock: socket.socket, *, first: bytes = b"") -> tuple[Msg, dict[str, Any]]:
+    """One frame; the body is allocated only after its length passed ``decode_frame``."""
     header = bytearray(FRAME_LEN)
     header[: len(first)] = first
     try:
-        recv_into_all(sock, memoryview(header)[len(first):], "a session message")
+        recv_into_all(sock, memoryview(header)[len(first):], "a session message header")
         kind, length = decode_frame(header)
         body = bytearray(length)
-        recv_into_all(sock, body, "a session message")
+        recv_into_all(sock, body, f"a {kind.name} message")
     except PeerClosed as exc:
         raise TransportError(f"main channel closed by the peer ({exc})") from None
     except TimeoutError:
         raise TransportError(f"main channel: no message for {sock.gettimeout()} s") from None
+    except OSError as exc:
+        raise TransportError(f"main channel: receive failed: {exc}") from None
     return kind, decode_body(bytes(body))
 
 
-def _expect(sock: socket.socket, *kinds: Msg) -> tuple[Msg, dict[str, Any]]:
-    kind, body = _recv_msg(sock)
+def _expect(sock: socket.socket, *kinds: Msg, first: bytes = b"") -> tuple[Msg, dict[str, Any]]:
+    kind, body = _recv_msg(sock, first=first)
     if kind not in kinds:
         raise WireError("unexpected session message", field="type", received=kind.name,
                         expected=" or ".join(k.name for k in kinds))
@@ -167,8 +177,13 @@ def send_session(
     timeout: float = 60.0,
     connect_timeout: float = 10.0,
     on_sender: Callable[[Sender], None] | None = None,
+    tls: ssl.SSLContext | None = None,
+    tls_hostname: str | None = None,
 ) -> SessionStats:
-    """Migrate ``blocks`` to the receiver at ``addr``; return when it has verified them."""
+    """Migrate ``blocks`` to the receiver at ``addr``; return when it has verified them.
+
+    With ``tls`` the main channel and every multifd channel run over TLS (the receiver's
+    certificate is checked against ``tls_hostname``, by default the address's host)."""
     registry = registry or default_registry()
     if not blocks:
         raise MultiFDError("nothing to send: no ramblocks")
@@ -185,7 +200,7 @@ def send_session(
               if e.cls.available()[0]]
     session_uuid = uuidlib.uuid4().bytes
     started = time.perf_counter()
-    main = connect(addr, timeout=connect_timeout)
+    main = connect(addr, timeout=connect_timeout, tls=tls, server_hostname=tls_hostname)
     main.settimeout(timeout)
     socks: list[socket.socket] = []
     sender: Sender | None = None
@@ -195,15 +210,18 @@ def send_session(
         _send_msg(main, Msg.HELLO, hello.to_body())
         kind, body = _expect(main, Msg.ACCEPT, Msg.REFUSE)
         if kind is Msg.REFUSE:
-            raise NegotiationError(f"receiver refused the session: {body.get('reason', '?')}")
+            reason = str(body.get("reason", "?"))[:500]
+            raise NegotiationError(f"receiver refused the session: {reason}")
         chosen = body.get("method")
-        if chosen not in registry or (method is not None and chosen != method):
-            raise NegotiationError(f"receiver chose method {chosen!r}, which this sender did "
-                                   "not offer")
+        if (not isinstance(chosen, str) or chosen not in registry
+                or (method is not None and chosen != method)):
+            raise NegotiationError(f"receiver chose method {str(chosen)[:60]!r}, which this "
+                                   "sender did not offer")
         instance = registry.create(chosen, MethodOptions(page_size=page_size, level=level,
                                                          engine=engine))
         for _ in range(channels):
-            socks.append(connect(addr, timeout=connect_timeout))
+            socks.append(connect(addr, timeout=connect_timeout, tls=tls,
+                                 server_hostname=tls_hostname))
         transfer_start = time.perf_counter()
         sender = Sender(instance, socks, page_size=page_size, uuid=session_uuid,
                         timeout=timeout)
@@ -225,7 +243,7 @@ def send_session(
         digests = _digests(blocks)
         _send_msg(main, Msg.DONE, {"digests": digests})
         _, result = _expect(main, Msg.RESULT)
-        if not result.get("ok"):
+        if result.get("ok") is not True:
             error = str(result.get("error", "unknown error"))[:500]
             if result.get("kind") == "integrity":
                 raise IntegrityError(f"receiver reports: {error}")
@@ -237,9 +255,13 @@ def send_session(
             normal_pages=stats.normal_pages, zero_pages=stats.zero_pages,
             packets_per_channel=stats.packets_per_channel, rounds=len(plan), digests=digests,
             page_size=page_size)
-    except BaseException:
+    except BaseException as exc:
         if sender is not None:
             sender.abort()
+            if isinstance(exc, TransportError):
+                reason = _receiver_reason(main)
+                if reason:
+                    raise TransportError(f"{exc}; receiver reports: {reason}") from None
         raise
     finally:
         for s in [main, *socks]:
@@ -249,19 +271,69 @@ def send_session(
                 pass
 
 
+def _close_gently(sock: socket.socket, budget: int = 1 << 16, wait: float = 0.2) -> None:
+    """Close after our last message: half-close, then drain a little of what the peer still
+    sends (bounded in bytes and time), so the close is a FIN and not a reset that could
+    destroy our last message (a REFUSE or RESULT) before the peer read it."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(wait)
+        deadline = time.monotonic() + wait
+        while budget > 0 and time.monotonic() < deadline:
+            chunk = sock.recv(min(budget, 1 << 14))
+            if not chunk:
+                break
+            budget -= len(chunk)
+    except (OSError, ValueError):
+        pass
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def _receiver_reason(main: socket.socket) -> str | None:
+    """The receiver's own account of a failed transfer, if it sent one (RESULT not ok)."""
+    try:
+        main.settimeout(0.5)
+        kind, body = _recv_msg(main)
+    except MultiFDError:
+        return None
+    if kind is Msg.RESULT and body.get("ok") is False:
+        return str(body.get("error", "?"))[:300]
+    return None
+
+
 # --------------------------------------------------------------------------- receiver
 
 #: Allocates a destination block: (name, length, page_size) -> writable RamBlock.
 Allocator = Callable[[str, int, int], RamBlock]
 
+#: Default cap on the RAM a sender may declare (the sum of its blocks' lengths): 1 TiB.
+DEFAULT_MAX_RAM = 1 << 40
+#: Default time a new connection has to finish its TLS handshake and opening bytes.
+HANDSHAKE_TIMEOUT = 10.0
+SESSION_MAGIC = b"MFDS"
+_POLL = 0.2
+
 
 class ReceiveSession:
-    """Serves one native session on an accepted listener."""
+    """Serves one native session on a listener per ``serve()`` call (the listener can serve
+    the next session afterwards; sessions never run concurrently on it).
+
+    Hostile peers: every connection goes through a ``ConnectionGate`` (its own short deadline,
+    a bounded number pending), strangers are refused and logged without touching the session,
+    the HELLO is validated with limits (channels, ``max_ram`` bytes of blocks) before anything
+    is allocated, and the output counts only after ``on_verified`` ran on matching digests.
+    """
 
     def __init__(self, listener: socket.socket, allocate: Allocator, *,
                  method: str | None = None, registry: MethodRegistry | None = None,
                  timeout: float = 60.0, max_channels: int = 255,
-                 fresh: bool = True) -> None:
+                 fresh: bool = True, max_ram: int = DEFAULT_MAX_RAM,
+                 tls: ssl.SSLContext | None = None, handshake_timeout: float | None = None,
+                 on_verified: Callable[[SessionStats], None] | None = None) -> None:
         self.listener = listener
         self.allocate = allocate
         self.forced = method
@@ -269,46 +341,58 @@ class ReceiveSession:
         self.timeout = timeout
         self.max_channels = max_channels
         self.fresh = fresh
+        self.max_ram = max_ram
+        self.tls = tls
+        self.handshake_timeout = (min(timeout, HANDSHAKE_TIMEOUT) if handshake_timeout is None
+                                  else handshake_timeout)
+        self.on_verified = on_verified
         self.blocks: list[RamBlock] = []
         self.hello: Hello | None = None
         self.method: Method | None = None
         self.rejected: list[str] = []
+        self.stats: SessionStats | None = None
         self._receiver: Receiver | None = None
         self._stop = threading.Event()
 
     def serve(self) -> SessionStats:
         started = time.perf_counter()
-        main = self._accept_main()
+        main, first = self._accept_main()
         acceptor: threading.Thread | None = None
+        accepted = False
         try:
-            hello = parse_hello(_expect(main, Msg.HELLO)[1], max_channels=self.max_channels)
-            self.hello = hello
             try:
+                hello = parse_hello(_expect(main, Msg.HELLO, first=first)[1],
+                                    max_channels=self.max_channels, max_total=self.max_ram)
+                self.hello = hello
                 if self.forced is not None:
                     self.registry.get(self.forced)
                 name = choose_method(hello, self.registry, self.forced)
                 method = self.registry.create(name, MethodOptions(page_size=hello.page_size))
+                self.method = method
+                self.blocks = self._allocate(hello)
+                receiver = Receiver(method, channels=hello.channels, page_size=hello.page_size,
+                                    uuid=hello.uuid, timeout=self.timeout, fresh=self.fresh)
+                self._receiver = receiver
+                receiver.set_blocks(self.blocks)
             except MultiFDError as exc:
-                _send_msg(main, Msg.REFUSE, {"reason": str(exc)})
+                self._refuse(main, exc)
+                if isinstance(exc, (WireError, TransportError)):
+                    raise
                 raise NegotiationError(f"refused the session: {exc}") from None
-            self.method = method
-            self.blocks = [self.allocate(n, ln, hello.page_size) for n, ln in hello.blocks]
-            receiver = Receiver(method, channels=hello.channels, page_size=hello.page_size,
-                                uuid=hello.uuid, timeout=self.timeout, fresh=self.fresh)
-            self._receiver = receiver
-            receiver.set_blocks(self.blocks)
             _send_msg(main, Msg.ACCEPT, {"method": name, "code": method.code})
+            accepted = True
             transfer_start = time.perf_counter()
             acceptor = threading.Thread(target=self._accept_channels, args=(receiver,),
                                         name="multifd-accept", daemon=True)
             acceptor.start()
             rounds = 0
             while True:
+                self._wait_main(main, receiver)
                 kind, body = _expect(main, Msg.ROUND, Msg.DONE)
                 if kind is Msg.ROUND:
                     if body.get("round") != rounds:
                         raise WireError("round marker out of order", field="round",
-                                        received=body.get("round"), expected=rounds)
+                                        received=repr(body.get("round"))[:40], expected=rounds)
                     receiver.sync_round()
                     rounds += 1
                     continue
@@ -321,10 +405,8 @@ class ReceiveSession:
             ours = _digests(self.blocks)
             bad = [n for n in ours if ours[n] != theirs[n]]
             if bad:
-                msg = (f"digest mismatch for ramblock(s) {', '.join(bad)}: received data "
-                       f"differs from what the sender had")
-                _send_msg(main, Msg.RESULT, {"ok": False, "kind": "integrity", "error": msg})
-                raise IntegrityError(msg)
+                raise IntegrityError(f"digest mismatch for ramblock(s) {', '.join(bad)}: "
+                                     "received data differs from what the sender had")
             stats = SessionStats(
                 method=name, channels=hello.channels, seconds=time.perf_counter() - started,
                 transfer_seconds=transfer, ram_bytes=sum(ln for _, ln in hello.blocks),
@@ -334,16 +416,23 @@ class ReceiveSession:
                 zero_pages=sum(s.zero_pages for s in chan_stats),
                 packets_per_channel=[s.packets + s.sync_packets for s in chan_stats],
                 rounds=rounds, digests=ours, page_size=hello.page_size)
+            if self.on_verified is not None:
+                try:
+                    self.on_verified(stats)
+                except OSError as exc:
+                    raise MultiFDError(f"cannot write the output: {exc.strerror or exc}"
+                                       ) from None
             self.stats = stats
             _send_msg(main, Msg.RESULT, {"ok": True})
             return stats
         except BaseException as exc:
             if self._receiver is not None:
                 self._receiver.fail(exc)
-            if isinstance(exc, MultiFDError) and not isinstance(exc, NegotiationError):
+            if accepted and isinstance(exc, MultiFDError):
+                kind_ = "integrity" if isinstance(exc, IntegrityError) else "error"
                 try:
                     main.settimeout(2)
-                    _send_msg(main, Msg.RESULT, {"ok": False, "error": str(exc)})
+                    _send_msg(main, Msg.RESULT, {"ok": False, "kind": kind_, "error": str(exc)})
                 except MultiFDError:
                     pass
             raise
@@ -353,58 +442,116 @@ class ReceiveSession:
                 acceptor.join(5)
             if self._receiver is not None:
                 self._receiver.close()
-            try:
-                main.close()
-            except OSError:
-                pass
+            _close_gently(main)
 
-    def _accept_main(self) -> socket.socket:
-        """The first connection that speaks the session protocol; others are refused."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TransportError(f"no sender connected within {self.timeout} s")
-            sock = accept(self.listener, remaining)
-            sock.settimeout(self.timeout)
-            head = bytearray(4)
+    # ------------------------------------------------------------------ internals
+
+    def _allocate(self, hello: Hello) -> list[RamBlock]:
+        """The destination blocks; allocation failures become one clear error."""
+        blocks = []
+        total = sum(ln for _, ln in hello.blocks)
+        for name, length in hello.blocks:
             try:
-                sock.recv_into(head, 4, socket.MSG_PEEK | socket.MSG_WAITALL)
-            except OSError:
-                sock.close()
-                continue
-            if bytes(head) == b"MFDS":
-                return sock
-            self._reject(sock, f"connection before the session started (first bytes "
-                               f"{bytes(head).hex()})")
+                block = self.allocate(name, length, hello.page_size)
+            except MemoryError:
+                raise MultiFDError(f"cannot allocate ramblock {name} ({length} bytes; "
+                                   f"{total} bytes in all)") from None
+            except OSError as exc:
+                raise MultiFDError(f"cannot allocate ramblock {name} ({length} bytes): "
+                                   f"{exc.strerror or exc}") from None
+            if (block.name, block.used_length, block.page_size) != (name, length,
+                                                                     hello.page_size):
+                raise MultiFDError(f"allocator returned {block!r} for ramblock {name} of "
+                                   f"{length} bytes, page size {hello.page_size}")
+            blocks.append(block)
+        return blocks
+
+    def _refuse(self, main: socket.socket, exc: MultiFDError) -> None:
+        try:
+            main.settimeout(2)
+            _send_msg(main, Msg.REFUSE, {"reason": str(exc)})
+        except MultiFDError:
+            pass
+
+    def _wait_main(self, main: socket.socket, receiver: Receiver) -> None:
+        """Wait for the next main-channel message. The timeout counts time without progress
+        on any channel (a long round is not a stall); a failed channel ends the wait."""
+        if isinstance(main, ssl.SSLSocket) and main.pending():
+            return
+        sel = selectors.DefaultSelector()
+        sel.register(main, selectors.EVENT_READ)
+        try:
+            last = -1
+            deadline = time.monotonic() + self.timeout
+            while not sel.select(_POLL):
+                receiver.check()
+                progress = sum(st.wire_bytes for st in receiver.stats)
+                now = time.monotonic()
+                if progress != last:
+                    last, deadline = progress, now + self.timeout
+                elif now > deadline:
+                    raise TransportError(f"no session message and no channel progress for "
+                                         f"{self.timeout} s")
+        finally:
+            sel.close()
+
+    def _accept_main(self) -> tuple[socket.socket, bytes]:
+        """The first connection that opens with the session magic; others are refused."""
+        gate = ConnectionGate(self.listener, len(SESSION_MAGIC), reject=self._reject,
+                              tls=self.tls, handshake_timeout=self.handshake_timeout)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransportError(f"no sender connected within {self.timeout} s")
+                ready = gate.poll(min(remaining, _POLL))
+                for i, (sock, head) in enumerate(ready):
+                    if head == SESSION_MAGIC:
+                        for other, _ in ready[i + 1:]:
+                            self._reject(other, "arrived with the session's main channel")
+                        sock.settimeout(self.timeout)
+                        return sock, head
+                    self._reject(sock, f"connection before the session started (first bytes "
+                                       f"{head.hex()})")
+        finally:
+            gate.close()
 
     def _accept_channels(self, receiver: Receiver) -> None:
-        """Accept until every channel is registered; refuse and log strangers."""
-        budget = 4 * receiver.channels + 16
-        while receiver.connected < receiver.channels and not self._stop.is_set():
-            if receiver.error is not None:
-                return
-            try:
-                sock = accept(self.listener, 0.2)
-            except TransportError:
-                continue
-            try:
-                init = receiver.read_init(sock)
-                if init.magic != MULTIFD_MAGIC:
-                    raise WireError("not a multifd channel", field="magic",
-                                    received=hex(init.magic), expected=hex(MULTIFD_MAGIC))
-                receiver.accept_channel(sock, init)
-            except MultiFDError as exc:
-                self._reject(sock, str(exc))
-                budget -= 1
-                if budget <= 0:
-                    receiver.fail(TransportError(
-                        f"too many refused connections; last: {exc}"))
-                    return
+        """Accept until every channel is registered; refuse and log strangers (wrong magic,
+        version or uuid, bad or duplicate id, silence) without disturbing the session."""
+        try:
+            gate = ConnectionGate(self.listener, INIT_LEN, reject=self._reject, tls=self.tls,
+                                  handshake_timeout=self.handshake_timeout,
+                                  max_pending=2 * receiver.channels + 16)
+        except OSError as exc:
+            receiver.fail(TransportError(f"cannot accept channels: {exc}"))
+            return
+        try:
+            while (receiver.connected < receiver.channels and not self._stop.is_set()
+                   and receiver.error is None):
+                for sock, raw in gate.poll(_POLL):
+                    if receiver.connected >= receiver.channels:
+                        self._reject(sock, "more connections than channels")
+                        continue
+                    try:
+                        init = decode_init(raw)
+                        if init.magic != MULTIFD_MAGIC:
+                            raise WireError("not a multifd channel", field="magic",
+                                            received=hex(init.magic),
+                                            expected=hex(MULTIFD_MAGIC))
+                        receiver.accept_channel(sock, init)
+                    except MultiFDError as exc:
+                        self._reject(sock, str(exc))
+        except Exception as exc:  # never leave the main loop waiting on a dead acceptor
+            receiver.fail(TransportError(f"accepting channels failed: {exc!r}"))
+        finally:
+            gate.close()
 
     def _reject(self, sock: socket.socket, why: str) -> None:
         log.warning("refused a connection: %s", why)
-        self.rejected.append(why)
+        if len(self.rejected) < 1000:
+            self.rejected.append(why)
         try:
             sock.close()
         except OSError:
@@ -424,12 +571,23 @@ def block_file_name(index: int, name: str) -> str:
 
 
 class FileOutput:
-    """Writes blocks as sparse files ``NNN-name.ram.partial`` in ``out_dir``; ``commit`` renames
-    them and writes ``manifest.json`` only after the session verified."""
+    """Writes blocks as files ``NNN-name.ram.partial`` in ``out_dir``; ``commit`` renames
+    them and writes ``manifest.json`` only after the session verified; ``discard`` removes
+    what a failed session left.
 
-    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+    With ``preallocate`` (the default) each file's space is reserved up front
+    (``posix_fallocate``), so a full disk is a clear error at the start instead of a SIGBUS
+    while pages are written through the mapping; ``preallocate=False`` keeps files sparse
+    (zero pages take no space) and only checks the free space up front.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], *, preallocate: bool = True) -> None:
         self.out_dir = os.fspath(out_dir)
-        os.makedirs(self.out_dir, exist_ok=True)
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+        except OSError as exc:
+            raise MultiFDError(f"cannot create {self.out_dir}: {exc.strerror}") from None
+        self.preallocate = preallocate
         self.files: list[tuple[str, str, int, RamBlock]] = []
 
     def allocate(self, name: str, length: int, page_size: int) -> RamBlock:
@@ -440,27 +598,78 @@ class FileOutput:
         except OSError as exc:
             raise MultiFDError(f"cannot create {path}: {exc.strerror}") from None
         self.files.append((name, fname, length, block))
+        if length:
+            self._reserve(path, name, length)
         return block
 
+    def _reserve(self, path: str, name: str, length: int) -> None:
+        free = _free_bytes(self.out_dir)
+        if self.preallocate:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise MultiFDError(
+                        f"cannot reserve {length} bytes for ramblock {name} in "
+                        f"{self.out_dir}: {exc.strerror} ({free} bytes free)") from None
+            finally:
+                os.close(fd)
+        if free is not None and free < length:
+            raise MultiFDError(f"not enough space for ramblock {name} in {self.out_dir}: "
+                               f"{length} bytes needed at most, {free} free")
+
     def commit(self, digests: dict[str, str], extra: dict[str, Any] | None = None) -> str:
+        """Flush, write the manifest aside, then rename the blocks and the manifest into
+        place: a failure before the last rename leaves no ``manifest.json``."""
         import json
 
         blocks = []
         for name, fname, length, block in self.files:
             block.flush()
-            os.replace(os.path.join(self.out_dir, fname + PARTIAL),
-                       os.path.join(self.out_dir, fname))
             blocks.append({"name": name, "length": length, "file": fname,
                            "sha256": digests[name]})
         manifest = {"blocks": blocks, **(extra or {})}
         path = os.path.join(self.out_dir, "manifest.json")
         tmp = path + PARTIAL
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(manifest, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            for _, fname, _, _ in self.files:
+                os.replace(os.path.join(self.out_dir, fname + PARTIAL),
+                           os.path.join(self.out_dir, fname))
+            os.replace(tmp, path)
+        except OSError as exc:
+            _unlink(tmp)
+            raise MultiFDError(f"cannot write {path}: {exc.strerror}") from None
         return path
 
     def close(self) -> None:
         for *_, block in self.files:
             block.close()
+
+    def discard(self) -> None:
+        """Close and remove the partial files of a failed session (never committed ones)."""
+        self.close()
+        for _, fname, _, _ in self.files:
+            _unlink(os.path.join(self.out_dir, fname + PARTIAL))
+        _unlink(os.path.join(self.out_dir, "manifest.json" + PARTIAL))
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,6 @@
+"""atheris harness: the init target of fuzz/targets.py (see fuzz/runner.py)."""
+
+from runner import main
+
+if __name__ == "__main__":
+    main("init")
