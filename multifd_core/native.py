@@ -9,10 +9,15 @@ without ``LD_LIBRARY_PATH``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
+import functools
 import os
 import re
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +51,13 @@ class OpenLibrary:
 
 _lock = threading.Lock()
 _cache: dict[tuple[str, str], OpenLibrary] = {}
+_missing: dict[tuple[str, str], str] = {}
+
+
+@functools.cache
+def _find_library(name: str) -> str | None:
+    """``ctypes.util.find_library``, once per name (it runs ldconfig or a compiler)."""
+    return ctypes.util.find_library(name)
 
 
 def candidates(spec: LibrarySpec) -> list[tuple[str, str]]:
@@ -54,7 +66,7 @@ def candidates(spec: LibrarySpec) -> list[tuple[str, str]]:
     if explicit:
         return [(f"${spec.env}", explicit)]
     out: list[tuple[str, str]] = []
-    found = ctypes.util.find_library(spec.find_name)
+    found = _find_library(spec.find_name)
     if found:
         out.append((f"find_library({spec.find_name!r})", found))
     else:
@@ -64,7 +76,24 @@ def candidates(spec: LibrarySpec) -> list[tuple[str, str]]:
 
 
 def open_library(spec: LibrarySpec, ffi: cffi.FFI) -> OpenLibrary:
-    """Open the library or raise ``LibraryNotFoundError`` saying where we looked."""
+    """Open the library or raise ``LibraryNotFoundError`` saying where we looked.
+
+    Both outcomes are remembered per library and environment setting, so asking again (every
+    ``engines()`` call) costs nothing; ``clear_cache()`` forgets them."""
+    key = (spec.label, os.environ.get(spec.env, "").strip())
+    with _lock:
+        known = _missing.get(key)
+    if known is not None:
+        raise LibraryNotFoundError(known)
+    try:
+        return _open_library(spec, ffi)
+    except LibraryNotFoundError as exc:
+        with _lock:
+            _missing[key] = str(exc)
+        raise
+
+
+def _open_library(spec: LibrarySpec, ffi: cffi.FFI) -> OpenLibrary:
     tried: list[str] = []
     if not os.environ.get(spec.env, "").strip():
         tried.append(f"${spec.env} (unset)")
@@ -133,6 +162,36 @@ def _short(exc: BaseException) -> str:
 
 
 def clear_cache() -> None:
-    """Forget opened libraries (tests that change the environment)."""
+    """Forget opened and missing libraries (tests that change the environment)."""
     with _lock:
         _cache.clear()
+        _missing.clear()
+    _find_library.cache_clear()
+
+
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_stderr(*noise: str) -> Iterator[None]:
+    """Hold back lines a native library prints on stderr (file descriptor 2) while the block
+    runs, and pass on every line that does not start with one of ``noise``.
+
+    For set-up calls only (they are serialised): libqatzip prints "Cannot open /dev/vfio" on
+    every session set-up on a machine without a QAT device."""
+    with _stderr_lock:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                held.seek(0)
+                kept = [line for line in held.read().decode(errors="replace").splitlines(True)
+                        if not line.startswith(noise)]
+                if kept:
+                    sys.stderr.write("".join(kept))
+                    sys.stderr.flush()

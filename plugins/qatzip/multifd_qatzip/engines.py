@@ -15,6 +15,7 @@ from typing import Any
 
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
+from multifd_core.native import quiet_stderr
 from multifd_core.wire import PACKET_SIZE
 from multifd_qatzip import _ffi, gzipqz
 
@@ -22,6 +23,8 @@ ENV_ENGINE = "MULTIFD_QATZIP_ENGINE"
 LIBRARY_ENGINE = "libqatzip"
 SOFTWARE_ENGINE = "software"
 ENGINE_NAMES = (LIBRARY_ENGINE, SOFTWARE_ENGINE)
+#: What libqatzip (its QAT user-space layer) prints at set-up on a machine without a device.
+NO_DEVICE_NOISE = "Cannot open /dev/vfio"
 
 
 class SoftwareEngine:
@@ -55,6 +58,17 @@ class LibQatzipEngine:
         self.lib, self.channel = opened.lib, channel
         ffi = _ffi.ffi
         self.sess = ffi.new("QzSession_T *")
+        with quiet_stderr(NO_DEVICE_NOISE):
+            self._setup(level, channel)
+        self.hardware = _hw_count(self.lib, self.sess) > 0
+        self._out = ffi.new("unsigned char[]", self.lib.qzMaxCompressedLength(PACKET_SIZE,
+                                                                              self.sess))
+        self._lens = ffi.new("unsigned int[2]")
+        self._closed = False
+        self.out = bytearray(0)  # receive buffer, sized by the method
+
+    def _setup(self, level: int, channel: int) -> None:
+        ffi = _ffi.ffi
         rc = self.lib.qzInit(self.sess, 1)
         if rc not in (_ffi.QZ_OK, _ffi.QZ_DUPLICATE, _ffi.QZ_NO_HW):  # no device: sw backup
             raise MultiFDError(f"multifd {channel}: qzInit failed ({rc})")
@@ -68,12 +82,6 @@ class LibQatzipEngine:
         if rc not in (_ffi.QZ_OK, _ffi.QZ_DUPLICATE):
             self.lib.qzClose(self.sess)
             raise MultiFDError(f"multifd {channel}: qzSetupSessionDeflate failed ({rc})")
-        self.hardware = _hw_count(self.lib, self.sess) > 0
-        self._out = ffi.new("unsigned char[]", self.lib.qzMaxCompressedLength(PACKET_SIZE,
-                                                                              self.sess))
-        self._lens = ffi.new("unsigned int[2]")
-        self._closed = False
-        self.out = bytearray(0)  # receive buffer, sized by the method
 
     def compress(self, data: memoryview) -> list[Any]:
         ffi, lens = _ffi.ffi, self._lens
@@ -113,7 +121,8 @@ class LibQatzipEngine:
 
     def _reset(self) -> None:
         self.lib.qzTeardownSession(self.sess)
-        self.lib.qzSetupSessionDeflate(self.sess, self._params)
+        with quiet_stderr(NO_DEVICE_NOISE):
+            self.lib.qzSetupSessionDeflate(self.sess, self._params)
 
     def close(self) -> None:
         if not self._closed:
