@@ -10,6 +10,7 @@ unless ``fresh=False``.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
@@ -83,6 +84,7 @@ class Receiver:
         self.stats = [ChannelStats() for _ in range(channels)]
         self._error: BaseException | None = None
         self._finished = False
+        self._last_progress = time.monotonic()
         self.rounds = 0
 
     # ------------------------------------------------------------------ set-up
@@ -174,6 +176,7 @@ class Receiver:
                         f"(round {self.rounds + 1}; {missing} channel(s) never connected)")
             self.check()
         self.rounds += 1
+        self.touch()
         for sem in self._release:
             sem.release()
         return max(s.max_packet_num for s in self.stats)
@@ -254,7 +257,11 @@ class Receiver:
         payload_buf = bytearray(0)
         st = self.stats[cid]
         code = self.method.code
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
         while True:
+            if not self._await_packet(cid, sock, poller):
+                return
             try:
                 recv_into_all(sock, view[:HEADER_LEN], "a packet header")
             except PeerClosed as exc:
@@ -300,6 +307,7 @@ class Receiver:
                 st.normal_pages += pkt.normal_pages
                 st.zero_pages += pkt.zero_pages
                 st.payload_bytes += pkt.next_packet_size
+            self._last_progress = time.monotonic()
             if pkt.is_sync:
                 st.sync_packets += 1
                 self._arrived.release()
@@ -308,6 +316,27 @@ class Receiver:
                         return
                 if self._error is not None:
                     return
+
+    def _await_packet(self, cid: int, sock: socket.socket, poller: select.poll) -> bool:
+        """Wait at a packet boundary until the channel has data (True) or the session ends
+        (False). An idle channel is fine while anything else moves (another channel, or the
+        main channel through ``touch``); only ``timeout`` seconds of no progress anywhere
+        fail it. Inside a packet, the socket's own timeout applies."""
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending():
+            return True  # TLS: decrypted bytes already buffered
+        while not poller.poll(_POLL * 1000):
+            if self._error is not None:
+                return False
+            idle = time.monotonic() - self._last_progress
+            if self.timeout is not None and idle > self.timeout:
+                raise TransportError(f"channel {cid}: no data for {self.timeout} s (nothing "
+                                     "moved on any channel)")
+        return self._error is None
+
+    def touch(self) -> None:
+        """Record progress made outside the channels (the main channel's reader calls it)."""
+        self._last_progress = time.monotonic()
 
     def _decode(self, sock: socket.socket, ctx: ChannelContext, pkt: Any, target: _Target,
                 nidx: np.ndarray, payload_buf: bytearray) -> None:

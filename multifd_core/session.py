@@ -389,6 +389,7 @@ class ReceiveSession:
             while True:
                 self._wait_main(main, receiver)
                 kind, body = _expect(main, Msg.ROUND, Msg.DONE)
+                receiver.touch()
                 if kind is Msg.ROUND:
                     if body.get("round") != rounds:
                         raise WireError("round marker out of order", field="round",

@@ -204,3 +204,29 @@ def test_write_pages_honours_unsorted_offsets() -> None:
     ch.close()
     rx.finish()
     assert [block.pages[i].tobytes()[:1] for i in range(1, 5)] == [b"A", b"B", b"C", b"D"]
+
+
+def test_idle_channel_is_fine_while_another_moves() -> None:
+    """Channel 1 has nothing to send for longer than the timeout while channel 0 keeps
+    delivering: not a stall. Only when nothing moves anywhere does a channel time out."""
+    block = RamBlock.zeros("ram", 64 * PS)
+    rx = Receiver(default_registry().create("none"), channels=2, timeout=0.6)
+    rx.set_blocks([block])
+    ch0, ch1 = _serve_sockets(rx, 2)
+    for i in range(8):  # 1.6 s of steady traffic on channel 0 only
+        ch0.sendall(_data_packet([i * PS], i + 1) + bytes([i + 1]) * PS)
+        time.sleep(0.2)
+    ch0.sendall(wire.encode_sync_packet(20, PS))
+    ch1.sendall(wire.encode_sync_packet(21, PS))
+    rx.sync_round()
+    ch0.close()
+    ch1.close()
+    rx.finish()
+    assert [block.pages[i][0] for i in range(8)] == list(range(1, 9))
+    # And with nothing moving anywhere, the idle channels do time out.
+    rx2 = Receiver(default_registry().create("none"), channels=1, timeout=0.5)
+    rx2.set_blocks([RamBlock.zeros("ram", PS)])
+    (idle,) = _serve_sockets(rx2, 1)
+    with pytest.raises(TransportError, match="no data for 0.5 s"):
+        rx2.finish(timeout=5)
+    idle.close()

@@ -297,6 +297,7 @@ class QemuCapture:
                 break
             self.stats.main_bytes += n
             reader.feed(memoryview(buf)[:n])
+            receiver.touch()
             for ev in reader.events():
                 if isinstance(ev, qs.TailData):
                     tail += ev.data
