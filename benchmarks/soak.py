@@ -6,11 +6,10 @@ migrates a mixed image each time. Open file descriptors, threads and RSS are sam
 the first migration (warm-up: imports, caches, allocator pools) and after the last; growth
 beyond noise means a leak.
 
-glibc's malloc raises its mmap threshold after the first large free, so later block-sized
-buffers come from per-thread arenas that keep freed memory: RSS then climbs in block-sized
-steps with nothing alive (tracemalloc and gc show no growth). The soak pins the threshold at
-1 MiB (``mallopt(M_MMAP_THRESHOLD)``, as ``MALLOC_MMAP_THRESHOLD_=1048576`` would) so RSS
-measures live memory; a long-running receiver with in-memory blocks wants the same.
+In-memory destination blocks (``RamBlock.zeros``) are anonymous mappings of their own, so
+each session's blocks go back to the system when it ends (as heap buffers they could stay
+with the process under glibc's sliding mmap threshold, and RSS would climb in block-sized
+steps with nothing alive).
 
 Usage::
 
@@ -23,8 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
@@ -47,15 +44,6 @@ PS = 4096
 M_MMAP_THRESHOLD = -3
 
 
-def pin_mmap_threshold(size: int = 1 << 20) -> bool:
-    """Make glibc serve (and return) allocations of ``size`` or more with mmap."""
-    name = ctypes.util.find_library("c")
-    try:
-        return bool(ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, size)) if name else False
-    except (OSError, AttributeError):
-        return False
-
-
 def sample() -> dict[str, int]:
     """Open fds, threads (kernel view) and RSS of this process."""
     status = {}
@@ -70,7 +58,6 @@ def sample() -> dict[str, int]:
 
 def soak(*, runs: int = 50, size_mib: int = 256, method: str = "none", channels: int = 4,
          output: str = "memory", timeout: float = 60.0, quiet: bool = True) -> dict[str, Any]:
-    pinned = pin_mmap_threshold()
     buf = np.zeros(size_mib << 20, dtype=np.uint8)
     fill_mixed(buf.reshape(-1, PS), seed=7)
     src = RamBlock("pc.ram", buf)
@@ -121,7 +108,7 @@ def soak(*, runs: int = 50, size_mib: int = 256, method: str = "none", channels:
     start, end = samples[0], samples[-1]
     return {
         "runs": runs, "size_mib": size_mib, "method": method, "channels": channels,
-        "output": output, "mmap_threshold_pinned": pinned, "start": start, "end": end,
+        "output": output, "start": start, "end": end,
         "growth": {k: end[k] - start[k] for k in start},
         "seconds": {"min": round(min(seconds), 3), "median": round(float(np.median(seconds)), 3),
                     "max": round(max(seconds), 3)},

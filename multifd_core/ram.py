@@ -104,7 +104,15 @@ class RamBlock:
 
     @classmethod
     def zeros(cls, name: str, length: int, *, page_size: int = 4096) -> RamBlock:
-        return cls(name, bytearray(length), page_size=page_size)
+        """A zero-filled block in anonymous memory, its own mapping: pages are allocated on
+        first write, and ``close`` gives them back to the system at once (a heap allocation
+        could stay with the process under glibc's sliding mmap threshold)."""
+        if not length:
+            return cls(name, bytearray(), page_size=page_size)
+        buf = mmap.mmap(-1, length)
+        block = cls(name, buf, page_size=page_size)
+        block._closers.append(buf)
+        return block
 
     def flush(self) -> None:
         for c in self._closers:
