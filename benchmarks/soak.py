@@ -41,7 +41,6 @@ from multifd_core.transport import Address, bound_address, listen
 PS = 4096
 
 
-M_MMAP_THRESHOLD = -3
 
 
 def sample() -> dict[str, int]:
