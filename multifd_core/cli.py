@@ -180,7 +180,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
     try:
         session = ReceiveSession(listener, out.allocate, method=args.compression,
                                  timeout=args.timeout, max_channels=args.max_channels,
-                                 max_ram=args.max_ram, tls=tls, on_verified=commit)
+                                 max_ram=args.max_ram, tls=tls, on_verified=commit,
+                                 engine=args.engine)
         stats = session.serve()
         ok = True
     finally:
@@ -225,6 +226,11 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
           f"{summary['wire_bytes'] / 2**20:.1f} MiB, {summary['normal_pages']} normal + "
           f"{summary['zero_pages']} zero pages, ratio {summary['compression_ratio']:.2f}, "
           f"packets per channel {summary['packets_per_channel']}")
+    auto = summary.get("auto")
+    if auto:
+        best = auto["candidates"][0]
+        print(f"auto: link {auto['link_bytes_per_s'] / 1e6:.0f} MB/s; predicted "
+              f"{best['label']} {best['predicted_s']:.2f} s; chose {auto['choice']}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -249,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files to send (block NAME defaults to the file name), then "
                         "tcp:HOST:PORT or unix:PATH")
     s.add_argument("--compression", "-c", metavar="METHOD", default=None,
-                   help="force a method (default: the first the receiver accepts)")
+                   help="force a method, or 'auto' to pick one from a short measurement of the "
+                        "link and the data (default: the first the receiver accepts)")
     s.add_argument("--channels", "-n", type=int, default=2)
     s.add_argument("--level", type=int, default=None)
     s.add_argument("--engine", default=None, help="preferred engine of the method")
@@ -266,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--listen", required=True, metavar="ADDRESS")
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--compression", "-c", metavar="METHOD", default=None)
+    r.add_argument("--engine", default=None,
+                   help="engine of the negotiated method to decode with (default: the best "
+                        "available here)")
     r.add_argument("--timeout", type=float, default=60.0,
                    help="seconds without progress before giving up (also: how long to wait "
                         "for a sender)")

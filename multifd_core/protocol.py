@@ -37,10 +37,25 @@ class Msg(IntEnum):
     ROUND = 4
     DONE = 5
     RESULT = 6
+    PROBE = 7  # raw bytes, not JSON: link measurement for --compression auto (before HELLO)
+    PROBE_END = 8
+    PROBE_RESULT = 9
+
+
+#: The most probe bytes a receiver reads before HELLO.
+MAX_PROBE_BYTES = 256 << 20
 
 
 def encode(kind: Msg, body: dict[str, Any]) -> bytes:
     raw = json.dumps(body, separators=(",", ":")).encode()
+    if len(raw) > MAX_BODY:
+        raise WireError("session message too large", field="length", received=len(raw),
+                        expected=f"<= {MAX_BODY}")
+    return FRAME.pack(MAGIC, PROTO_VERSION, int(kind), len(raw)) + raw
+
+
+def encode_raw(kind: Msg, raw: bytes) -> bytes:
+    """A frame whose body is raw bytes (PROBE)."""
     if len(raw) > MAX_BODY:
         raise WireError("session message too large", field="length", received=len(raw),
                         expected=f"<= {MAX_BODY}")

@@ -32,6 +32,7 @@ from multifd_core.errors import (
 from multifd_core.method import Method, MethodOptions
 from multifd_core.protocol import (
     FRAME_LEN,
+    MAX_PROBE_BYTES,
     Hello,
     Msg,
     Offer,
@@ -39,6 +40,7 @@ from multifd_core.protocol import (
     decode_body,
     decode_frame,
     encode,
+    encode_raw,
     parse_digests,
     parse_hello,
 )
@@ -95,9 +97,11 @@ class SessionStats:
             "rounds": self.rounds,
             "throughput_bytes_per_s": round(self.throughput),
             "compression_ratio": round(self.compression_ratio, 4),
+            **({"auto": self.auto} if self.auto is not None else {}),
         }
 
     page_size: int = 4096
+    auto: dict[str, Any] | None = None
 
     @property
     def compression_ratio(self) -> float:
@@ -127,6 +131,8 @@ def _recv_msg(sock: socket.socket, *, first: bytes = b"") -> tuple[Msg, dict[str
         kind, length = decode_frame(header)
         body = bytearray(length)
         recv_into_all(sock, body, f"a {kind.name} message")
+        if kind is Msg.PROBE:  # raw filler, counted, never parsed
+            return kind, {"bytes": length}
     except PeerClosed as exc:
         raise TransportError(f"main channel closed by the peer ({exc})") from None
     except TimeoutError:
@@ -163,6 +169,47 @@ def _digests(blocks: Iterable[RamBlock]) -> dict[str, str]:
 # --------------------------------------------------------------------------- sender
 
 
+#: ``method=AUTO``: measure the link, predict each method's time on a sample, offer the best.
+AUTO = "auto"
+#: How long, and how many bytes at most, the link probe pushes on the main channel.
+PROBE_SECONDS = 0.3
+PROBE_BYTES = 64 << 20
+
+
+def probe_link(main: socket.socket, *, seconds: float = PROBE_SECONDS,
+               max_bytes: int = PROBE_BYTES) -> float:
+    """Bytes per second the receiver measured for raw PROBE frames pushed for ``seconds``."""
+    chunk = encode_raw(Msg.PROBE, os.urandom(1 << 20))
+    deadline = time.monotonic() + seconds
+    sent = 0
+    while sent < max_bytes and (sent == 0 or time.monotonic() < deadline):
+        sendmsg_all(main, [chunk], len(chunk))
+        sent += len(chunk)
+    _send_msg(main, Msg.PROBE_END, {})
+    _, body = _expect(main, Msg.PROBE_RESULT)
+    got, secs = body.get("bytes"), body.get("seconds")
+    if not isinstance(got, int) or not isinstance(secs, (int, float)) or got <= 0:
+        raise WireError("bad probe result", field="PROBE_RESULT", received=repr(body)[:80],
+                        expected="bytes > 0 and seconds")
+    return got / max(float(secs), 1e-6)
+
+
+def _auto_offers(main: socket.socket, blocks: list[RamBlock], registry: MethodRegistry,
+                 offers: list[Offer], channels: int) -> tuple[list[Offer], dict[str, Any]]:
+    """Measure the link, rank the methods by predicted time, and offer them in that order
+    (the receiver takes the first it can decode)."""
+    from multifd_core.auto import choose_method
+
+    rate = probe_link(main)
+    choice, report = choose_method(blocks, registry, channels, rate)
+    # The choice first, then the others by predicted time (the fallback if the receiver
+    # lacks the choice), then whatever could not be measured.
+    rank = {c["method"]: i for i, c in reversed(list(enumerate(report["candidates"])))}
+    rank[choice] = -1
+    ordered = sorted(offers, key=lambda o: (o.name not in rank, rank.get(o.name, 0)))
+    return ordered, report
+
+
 def send_session(
     blocks: list[RamBlock],
     addr: Address,
@@ -193,6 +240,11 @@ def send_session(
         raise MultiFDError(f"ramblock names must be unique: {names}")
     if not 1 <= channels <= 255:
         raise MultiFDError(f"--channels {channels} out of range 1..255")
+    auto = method == AUTO
+    if auto:
+        method = None
+        if level is not None or engine is not None:
+            raise MultiFDError("--compression auto picks the level and engine itself")
     if method is not None:
         entry = registry.get(method)  # unknown method: error with the install hint
         entry.cls(MethodOptions(page_size=page_size, level=level, engine=engine))  # level
@@ -204,7 +256,10 @@ def send_session(
     main.settimeout(timeout)
     socks: list[socket.socket] = []
     sender: Sender | None = None
+    auto_report: dict[str, Any] | None = None
     try:
+        if auto:
+            offers, auto_report = _auto_offers(main, blocks, registry, offers, channels)
         hello = Hello(session_uuid, page_size, channels, [(b.name, b.used_length) for b in blocks],
                       offers, method, level)
         _send_msg(main, Msg.HELLO, hello.to_body())
@@ -254,7 +309,7 @@ def send_session(
             wire_bytes=stats.wire_bytes, payload_bytes=stats.payload_bytes,
             normal_pages=stats.normal_pages, zero_pages=stats.zero_pages,
             packets_per_channel=stats.packets_per_channel, rounds=len(plan), digests=digests,
-            page_size=page_size)
+            page_size=page_size, auto=auto_report)
     except BaseException as exc:
         if sender is not None:
             sender.abort()
@@ -333,8 +388,10 @@ class ReceiveSession:
                  timeout: float = 60.0, max_channels: int = 255,
                  fresh: bool = True, max_ram: int = DEFAULT_MAX_RAM,
                  tls: ssl.SSLContext | None = None, handshake_timeout: float | None = None,
-                 on_verified: Callable[[SessionStats], None] | None = None) -> None:
+                 on_verified: Callable[[SessionStats], None] | None = None,
+                 engine: str | None = None) -> None:
         self.listener = listener
+        self.engine = engine
         self.allocate = allocate
         self.forced = method
         self.registry = registry or default_registry()
@@ -361,13 +418,14 @@ class ReceiveSession:
         accepted = False
         try:
             try:
-                hello = parse_hello(_expect(main, Msg.HELLO, first=first)[1],
+                hello = parse_hello(self._hello_after_probe(main, first),
                                     max_channels=self.max_channels, max_total=self.max_ram)
                 self.hello = hello
                 if self.forced is not None:
                     self.registry.get(self.forced)
                 name = choose_method(hello, self.registry, self.forced)
-                method = self.registry.create(name, MethodOptions(page_size=hello.page_size))
+                method = self.registry.create(name, MethodOptions(page_size=hello.page_size,
+                                                                  engine=self.engine))
                 self.method = method
                 self.blocks = self._allocate(hello)
                 receiver = Receiver(method, channels=hello.channels, page_size=hello.page_size,
@@ -495,6 +553,29 @@ class ReceiveSession:
                                          f"{self.timeout} s")
         finally:
             sel.close()
+
+    def _hello_after_probe(self, main: socket.socket, first: bytes) -> dict[str, Any]:
+        """The HELLO body, after answering the sender's link probe if it sends one: raw
+        PROBE frames timed from the first to the last, then PROBE_END (bounded in bytes)."""
+        kind, body = _expect(main, Msg.HELLO, Msg.PROBE, Msg.PROBE_END, first=first)
+        total, frames, start, last = 0, 0, 0.0, 0.0
+        while kind is not Msg.HELLO:
+            now = time.perf_counter()
+            if kind is Msg.PROBE:
+                if frames == 0:
+                    start = now  # the first frame's arrival starts the clock; not counted
+                else:
+                    total += body["bytes"]
+                frames += 1
+                last = now
+                if total > MAX_PROBE_BYTES:
+                    raise WireError("link probe too long", field="PROBE", received=total,
+                                    expected=f"<= {MAX_PROBE_BYTES} bytes")
+            else:
+                _send_msg(main, Msg.PROBE_RESULT,
+                          {"bytes": max(total, 1), "seconds": max(last - start, 1e-6)})
+            kind, body = _expect(main, Msg.HELLO, Msg.PROBE, Msg.PROBE_END)
+        return body
 
     def _accept_main(self) -> tuple[socket.socket, bytes]:
         """The first connection that opens with the session magic; others are refused."""

@@ -162,3 +162,29 @@ def test_demo_main_job_small(tmp_path: Path) -> None:
     (run,) = report["runs"]
     assert run["verified"] is True and run["method"] == "none"
     assert 0.35 < run["zero_pages"] / 4096 < 0.45
+
+
+def test_send_auto_measures_the_link_and_uses_its_choice(images: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    addr = f"tcp:127.0.0.1:{free_port()}"
+    out = tmp_path / "out"
+    recv = start_recv("--listen", addr, "--out", str(out), "--json")
+    send = multifd("send", f"pc.ram={images['pc.ram']}", addr, "-c", "auto", "--json")
+    recv.communicate(timeout=60)
+    assert send.returncode == 0, send.stderr
+    summary = json.loads(send.stdout)
+    auto = summary["auto"]
+    assert auto["link_bytes_per_s"] > 0
+    assert summary["method"] == auto["method"]  # the receiver took the chooser's pick
+    assert {c["method"] for c in auto["candidates"]} >= {"none"}
+    assert (out / "manifest.json").exists()
+
+
+def test_recv_engine_must_exist_for_the_method(images: dict[str, Path], tmp_path: Path) -> None:
+    addr = f"tcp:127.0.0.1:{free_port()}"
+    recv = start_recv("--listen", addr, "--out", str(tmp_path / "o"), "-c", "none",
+                      "--engine", "warp-drive")
+    send = multifd("send", str(images["pc.bios"]), addr)
+    _, r_err = recv.communicate(timeout=60)
+    assert_one_line_error(send, "receiver refused the session", "warp-drive")
+    assert recv.returncode != 0 and "Traceback" not in r_err

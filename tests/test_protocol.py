@@ -97,3 +97,41 @@ def test_negotiation() -> None:
         choose_method(parse_hello(hello_body(method="none")), reg, "zlib")
     with pytest.raises(NegotiationError, match="code 0x02 on the sender and 0x00"):
         choose_method(parse_hello(hello_body(offers=[{"name": "none", "code": 2}])), reg, None)
+
+
+def test_link_probe_is_bounded_and_answered() -> None:
+    """A receiver answers PROBE_END with what it timed, and refuses an endless probe."""
+    import threading
+
+    from multifd_core import protocol
+    from multifd_core.ram import RamBlock
+    from multifd_core.session import ReceiveSession, probe_link
+    from multifd_core.transport import Address, bound_address, connect, listen
+
+    listener = listen(Address("tcp", host="127.0.0.1", port=0))
+    addr = bound_address(listener, Address("tcp", host="127.0.0.1"))
+    session = ReceiveSession(listener, lambda n, ln, ps: RamBlock.zeros(n, ln, page_size=ps),
+                             timeout=10)
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: _serve(session, errors), daemon=True)
+    t.start()
+    main = connect(addr)
+    main.settimeout(10)
+    assert probe_link(main, seconds=0.05, max_bytes=4 << 20) > 0
+    frame = protocol.encode_raw(Msg.PROBE, bytes(1 << 20))
+    try:
+        for _ in range(protocol.MAX_PROBE_BYTES // len(frame) + 50):  # past the bound
+            main.sendall(frame)
+    except OSError:
+        pass
+    t.join(20)
+    main.close()
+    listener.close()
+    assert errors and "link probe too long" in str(errors[0])
+
+
+def _serve(session, errors) -> None:
+    try:
+        session.serve()
+    except BaseException as exc:
+        errors.append(exc)
