@@ -362,6 +362,36 @@ def _receiver_reason(main: socket.socket) -> str | None:
 
 # --------------------------------------------------------------------------- receiver
 
+
+class _EarlyDigest(threading.Thread):
+    """Waits for every channel to end, then flushes and hashes the blocks."""
+
+    def __init__(self, receiver: Receiver, blocks: list[RamBlock], started: float) -> None:
+        super().__init__(name="multifd-digest", daemon=True)
+        self.receiver, self.blocks, self.started = receiver, blocks, started
+        self._out: tuple[list[Any], float, dict[str, str]] | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            stats = self.receiver.finish(timeout=float("inf"))  # stalls end it through fail()
+            transfer = time.perf_counter() - self.started
+            for b in self.blocks:
+                b.flush()
+            self._out = (stats, transfer, _digests(self.blocks))
+        except BaseException as exc:
+            self._error = exc
+
+    def result(self) -> tuple[list[Any], float, dict[str, str]]:
+        while self.is_alive():
+            self.join(0.2)
+            self.receiver.check()
+        if self._error is not None:
+            raise self._error
+        assert self._out is not None
+        return self._out
+
+
 #: Allocates a destination block: (name, length, page_size) -> writable RamBlock.
 Allocator = Callable[[str, int, int], RamBlock]
 
@@ -443,6 +473,10 @@ class ReceiveSession:
             acceptor = threading.Thread(target=self._accept_channels, args=(receiver,),
                                         name="multifd-accept", daemon=True)
             acceptor.start()
+            # Hash as soon as every channel has ended (the sender closes them before it hashes
+            # its own side), so both ends hash at the same time.
+            early = _EarlyDigest(receiver, self.blocks, transfer_start)
+            early.start()
             rounds = 0
             while True:
                 self._wait_main(main, receiver)
@@ -456,12 +490,8 @@ class ReceiveSession:
                     rounds += 1
                     continue
                 break
-            chan_stats = receiver.finish()
-            transfer = time.perf_counter() - transfer_start
             theirs = parse_digests(body, [b.name for b in self.blocks])
-            for b in self.blocks:
-                b.flush()
-            ours = _digests(self.blocks)
+            chan_stats, transfer, ours = early.result()
             bad = [n for n in ours if ours[n] != theirs[n]]
             if bad:
                 raise IntegrityError(f"digest mismatch for ramblock(s) {', '.join(bad)}: "
