@@ -41,6 +41,7 @@ class RamBlock:
         self.writable = bool(self.array.flags.writeable)
         self._owner = buffer
         self._closers: list[Any] = []
+        self._fd: int | None = None
 
     @property
     def n_pages(self) -> int:
@@ -95,9 +96,11 @@ class RamBlock:
         try:
             os.ftruncate(fd, length)
             buf: Any = mmap.mmap(fd, length, access=mmap.ACCESS_WRITE) if length else bytearray()
-        finally:
+            block = cls(name, buf, page_size=page_size)
+        except BaseException:
             os.close(fd)
-        block = cls(name, buf, page_size=page_size)
+            raise
+        block._fd = fd  # kept for fsync, which (unlike msync here) runs without the GIL
         if length:
             block._closers.append(buf)
         return block
@@ -115,6 +118,10 @@ class RamBlock:
         return block
 
     def flush(self) -> None:
+        """Write a file-backed block's pages to disk (pages written through the mapping too)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            return
         for c in self._closers:
             if isinstance(c, mmap.mmap):
                 c.flush()
@@ -128,6 +135,9 @@ class RamBlock:
             except BufferError:
                 pass  # a view still lives; the mapping goes with it
         self._closers.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __repr__(self) -> str:
         return f"RamBlock({self.name!r}, {self.used_length} bytes, page {self.page_size})"

@@ -376,9 +376,13 @@ class _EarlyDigest(threading.Thread):
         try:
             stats = self.receiver.finish(timeout=float("inf"))  # stalls end it through fail()
             transfer = time.perf_counter() - self.started
-            for b in self.blocks:
-                b.flush()
-            self._out = (stats, transfer, _digests(self.blocks))
+            # Write file-backed blocks to disk while hashing them (fsync runs without the GIL).
+            sync = threading.Thread(target=lambda: [b.flush() for b in self.blocks],
+                                    name="multifd-sync", daemon=True)
+            sync.start()
+            digests = _digests(self.blocks)
+            sync.join()
+            self._out = (stats, transfer, digests)
         except BaseException as exc:
             self._error = exc
 
