@@ -19,9 +19,11 @@ fi
 codename=${VERSION_CODENAME:-bookworm}
 export DEBIAN_FRONTEND=noninteractive
 
-# iproute2 (ip, tc) for the benchmark's rate-limited links between network namespaces.
-if ! command -v tc >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
-  apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+# iproute2 (ip, tc) for the benchmark's rate-limited links between network namespaces;
+# openssl for the TLS tests' certificates.
+if ! command -v tc >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1 \
+    || ! command -v openssl >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq iproute2 openssl >/dev/null
 fi
 
 qemu_ok() {
