@@ -105,6 +105,11 @@ def _method(name: str):  # noqa: ANN202
     return default_registry().create(name, MethodOptions(page_size=4096))
 
 
+@cache
+def _harness(name: str) -> MethodHarness:
+    return MethodHarness(_method(name))
+
+
 def method_payload(name: str) -> Callable[[bytes], None]:
     """``data[0]`` picks the page count (1..128), ``data[1:]`` is the payload of a first
     packet on a fresh channel; a second packet on the same channel follows a ``ff fe fd``
@@ -113,13 +118,13 @@ def method_payload(name: str) -> Callable[[bytes], None]:
     def target(data: bytes) -> None:
         if not data:
             return
-        m = _method(name)
-        with MethodHarness(m) as h:
-            rest = data[1:]
-            for part in rest.split(b"\xff\xfe\xfd", 2)[:2]:
-                n = data[0] % 128 + 1
-                out = h.decode(part, n)
-                assert out.shape == (n, 4096)
+        h = _harness(name)
+        h.reset_receiver()  # each input starts on a fresh channel
+        rest = data[1:]
+        for part in rest.split(b"\xff\xfe\xfd", 2)[:2]:
+            n = data[0] % 128 + 1
+            out = h.decode(part, n)
+            assert out.shape == (n, 4096)
 
     target.__name__ = f"method_{name}"
     return target

@@ -85,6 +85,13 @@ class MethodHarness:
         self._recv.recv(channel=self.recv_ctx[channel], packet=packet)
         return out
 
+    def reset_receiver(self, channel: int = 0) -> None:
+        """Give ``channel`` a fresh receive side (new decode state); the rest is kept, so
+        many independent payloads cost one set-up each, not a whole harness."""
+        self._recv.recv_cleanup(channel=self.recv_ctx[channel])
+        self.recv_ctx[channel] = ChannelContext(channel, self.page_size)
+        self._recv.recv_setup(channel=self.recv_ctx[channel])
+
     def roundtrip(self, pages: np.ndarray, channel: int = 0) -> np.ndarray:
         return self.decode(self.encode(pages, channel), len(pages), channel)
 
