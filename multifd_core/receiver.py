@@ -121,8 +121,10 @@ class Receiver:
             set_timeout(sock, self.timeout)
             t = threading.Thread(target=self._run, args=(cid, sock),
                                  name=f"multifd-recv-{cid}", daemon=True)
+            # Started before it is counted: finish() takes a registered thread that is not
+            # alive for one that has ended.
+            t.start()
             self._threads[cid] = t
-        t.start()
         return cid
 
     @property

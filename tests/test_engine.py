@@ -230,3 +230,34 @@ def test_idle_channel_is_fine_while_another_moves() -> None:
     with pytest.raises(TransportError, match="no data for 0.5 s"):
         rx2.finish(timeout=5)
     idle.close()
+
+
+def test_finish_waits_for_a_channel_accepted_just_before(monkeypatch) -> None:
+    """finish() right after accept_channel must wait for that channel's data, not take a
+    registered-but-not-started thread for an ended one (regression: the receiver hashed an
+    incomplete block and reported a digest mismatch). A slow thread start opens the window."""
+    start = threading.Thread.start
+
+    def slow_start(self: threading.Thread) -> None:
+        if self.name.startswith("multifd-recv-"):
+            time.sleep(0.3)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", slow_start)
+    block = RamBlock.zeros("ram", 4 * PS)
+    rx = Receiver(default_registry().create("none"), channels=1, timeout=10)
+    rx.set_blocks([block])
+    a, b = socket.socketpair()
+    a.sendall(wire.encode_init(bytes(16), 0) + _data_packet([PS], 1) + b"\x42" * PS)
+    a.close()
+    seen: list[int] = []  # the page as finish() leaves it: it must be complete then
+
+    def finish() -> None:
+        rx.finish()
+        seen.append(int(block.pages[1][0]))
+
+    waiter = threading.Thread(target=finish, daemon=True)
+    waiter.start()
+    rx.accept_channel(b)
+    waiter.join(10)
+    assert seen == [0x42]
