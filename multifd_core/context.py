@@ -20,6 +20,20 @@ class ChannelContext:
     state: Any = None
     engine: str = ""
     stats: dict[str, int] = field(default_factory=dict)
+    _buffer: bytearray = field(default_factory=bytearray, repr=False)
+
+    def buffer(self, size: int) -> memoryview:
+        """A writable scratch buffer of ``size`` bytes, reused packet after packet (grown
+        when needed): decode into it, then ``packet.write_pages`` it."""
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        return memoryview(self._buffer)[:size]
+
+    def close_state(self) -> None:
+        """Close the method's state (anything with ``close()``) and forget it."""
+        state, self.state = self.state, None
+        if state is not None:
+            state.close()
 
 
 @dataclass

@@ -35,7 +35,6 @@ class SoftwareEngine:
     def __init__(self, level: int, channel: int) -> None:
         self.level = level
         self.channel = channel
-        self.out = bytearray(0)  # receive buffer, sized by the method
 
     def compress(self, data: memoryview) -> list[Any]:
         return gzipqz.encode(data, self.level)
@@ -65,7 +64,6 @@ class LibQatzipEngine:
                                                                               self.sess))
         self._lens = ffi.new("unsigned int[2]")
         self._closed = False
-        self.out = bytearray(0)  # receive buffer, sized by the method
 
     def _setup(self, level: int, channel: int) -> None:
         ffi = _ffi.ffi

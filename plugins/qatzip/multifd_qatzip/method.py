@@ -49,12 +49,11 @@ class Qatzip(Method):
 
     @hookimpl
     def send_cleanup(self, channel: ChannelContext) -> None:
-        _close(channel)
+        channel.close_state()
 
     @hookimpl
     def recv_setup(self, channel: ChannelContext) -> None:
         self._open(channel)
-        channel.state.out = bytearray(PACKET_SIZE)
 
     @hookimpl
     def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
@@ -63,22 +62,13 @@ class Qatzip(Method):
             raise MethodError(f"multifd {channel.id}: received unexpectedly large packet",
                               field="next_packet_size", received=size,
                               expected=f"<= {MAX_COMPRESSED_PAYLOAD}", channel=channel.id)
-        engine = channel.state
         expected = packet.expected_size
-        if len(engine.out) < expected:
-            engine.out = bytearray(expected)
-        out = memoryview(engine.out)
-        got = engine.decompress_into(packet.read_payload(), out)
+        out = channel.buffer(PACKET_SIZE)  # QEMU's output buffer; more than expected: error
+        got = channel.state.decompress_into(packet.read_payload(), out)
         if got != expected:
             raise packet.size_error(got)
         packet.write_pages(out[:expected])
 
     @hookimpl
     def recv_cleanup(self, channel: ChannelContext) -> None:
-        _close(channel)
-
-
-def _close(channel: ChannelContext) -> None:
-    if channel.state is not None:
-        channel.state.close()
-        channel.state = None
+        channel.close_state()

@@ -30,7 +30,6 @@ class SoftwareEngine:
     def __init__(self, page_size: int, channel: int, backend: str | None = None) -> None:
         self.codec = software.DeflateCodec(page_size, channel, backend)
         self.page_size = page_size
-        self.out = bytearray(0)  # receive buffer, sized by the method
 
     def compress(self, rows: list[memoryview]) -> list[Any]:
         return perpage.pack(rows, self.codec.compress_pages(rows), self.page_size)
@@ -73,7 +72,6 @@ class IaaEngine:
             self._memory.append(mem)
             self.jobs.append(job)
         self.zbuf = ffi.new("uint8_t[]", page_count * page_size)
-        self.out = bytearray(0)  # receive buffer, sized by the method
 
     def _prepare(self, job: Any, op: int, src: Any, src_len: int, dst: Any, dst_len: int
                  ) -> None:

@@ -51,7 +51,7 @@ class Qpl(Method):
 
     @hookimpl
     def send_cleanup(self, channel: ChannelContext) -> None:
-        _close(channel)
+        channel.close_state()
 
     @hookimpl
     def recv_setup(self, channel: ChannelContext) -> None:
@@ -59,20 +59,10 @@ class Qpl(Method):
 
     @hookimpl
     def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
-        engine = channel.state
-        expected = packet.expected_size
-        if len(engine.out) < expected:
-            engine.out = bytearray(expected)
-        out = memoryview(engine.out)[:expected]
-        engine.decompress_into(packet.read_payload(), packet.normal_pages, out)
+        out = channel.buffer(packet.expected_size)
+        channel.state.decompress_into(packet.read_payload(), packet.normal_pages, out)
         packet.write_pages(out)
 
     @hookimpl
     def recv_cleanup(self, channel: ChannelContext) -> None:
-        _close(channel)
-
-
-def _close(channel: ChannelContext) -> None:
-    if channel.state is not None:
-        channel.state.close()
-        channel.state = None
+        channel.close_state()

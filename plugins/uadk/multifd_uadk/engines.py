@@ -36,7 +36,6 @@ class SoftwareEngine:
         self.page_size = page_size
         self.channel = channel
         self.software_compress = compress
-        self.out = bytearray(0)  # receive buffer, sized by the method
 
     def compress(self, rows: list[memoryview]) -> list[Any]:
         if not self.software_compress:
@@ -107,7 +106,6 @@ class UadkEngine:
             raise MultiFDError(f"multifd {channel}: failed wd_comp_alloc_sess")
         # Output room: twice a page per page, as QEMU, so output >= input still fits.
         self.buf = ffi.new("uint8_t[]", page_count * page_size * 2)
-        self.out = bytearray(0)  # receive buffer, sized by the method
 
     def _run(self, op: int, src: Any, src_len: int, dst: Any, dst_len: int) -> int:
         req = _ffi.ffi.new("struct wd_comp_req *")  # zeroed: flat buffers, no callback
