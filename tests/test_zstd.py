@@ -280,3 +280,26 @@ def test_loopback_migration_rounds(channels: int, level: int) -> None:
     assert stats.method == "zstd" and stats.rounds == 4
     assert len(stats.packets_per_channel) == channels
     assert stats.compression_ratio > 1.2
+
+
+def test_small_overflow_does_not_leak_native_memory() -> None:
+    """A payload that decodes to a little more than its packet is refused every time, and
+    refusing it costs no memory (python-zstandard leaks its buffer when the sink raises, so
+    the sink only flags a small overflow: 3000 refusals grew RSS by about 600 MiB before)."""
+    import resource
+
+    import numpy as np
+
+    from multifd_core.errors import MethodError
+    from multifd_core.harness import MethodHarness
+    from multifd_core.registry import default_registry
+
+    h = MethodHarness(default_registry().create("zstd"))
+    payload = h.encode(np.full((3, 4096), 7, dtype=np.uint8))  # 3 pages, declared as 2
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3000):
+        h.reset_receiver()
+        with pytest.raises(MethodError, match="received more than 8192"):
+            h.decode(payload, 2)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 64, f"RSS grew {grown_mib:.0f} MiB over 3000 refused payloads"
