@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.context import ChannelContext, RecvPacket, SendPacket
 from multifd_core.errors import MethodError
+from multifd_core.hookspecs import hookimpl
+from multifd_core.method import Method
 
 LENGTH = np.dtype(">u4")
 
@@ -86,3 +89,40 @@ def unpack_into(payload: memoryview, normal: int, page_size: int, out: memoryvie
             dst[:] = payload[off:off + n]
         else:
             decode(payload[off:off + n], dst)
+
+
+class PerPageMethod(Method):
+    """The hooks of a method that uses this container (QEMU's qpl and uadk).
+
+    A subclass defines ``open_channel(channel, sending)``, which puts in ``channel.state`` an
+    engine with ``compress(rows) -> payload buffers``, ``decompress_into(payload, normal, out)``
+    and ``close()``; everything else is here."""
+
+    def max_payload(self, normal_pages: int) -> int:
+        return normal_pages * (4 + self.page_size)
+
+    @hookimpl
+    def send_setup(self, channel: ChannelContext) -> None:
+        self.open_channel(channel, sending=True)
+
+    @hookimpl
+    def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[Any]:
+        return channel.state.compress(page_rows(packet.pages()))
+
+    @hookimpl
+    def send_cleanup(self, channel: ChannelContext) -> None:
+        channel.close_state()
+
+    @hookimpl
+    def recv_setup(self, channel: ChannelContext) -> None:
+        self.open_channel(channel, sending=False)
+
+    @hookimpl
+    def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
+        out = channel.buffer(packet.expected_size)
+        channel.state.decompress_into(packet.read_payload(), packet.normal_pages, out)
+        packet.write_pages(out)
+
+    @hookimpl
+    def recv_cleanup(self, channel: ChannelContext) -> None:
+        channel.close_state()
