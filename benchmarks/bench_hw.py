@@ -3,7 +3,13 @@
 A mixed image (40% zero, 30% text-like, 30% random pages, shuffled) is cut into packets of
 its non-zero pages (zero pages never reach a method), which two threads encode, each on its
 own channel, then decode. Reported per method and engine: encode and decode wall time and
-throughput over the whole image, and the payload size over the non-zero pages (ratio).
+throughput over the whole image, packets per second, the payload size over the non-zero pages
+(ratio), and the share of time two busy channel threads were runnable (GIL: 1.0 = they never
+waited for it; ``multifd_core.testing.gil_runnable``).
+
+The qpl and uadk software engines run twice in the same run: with their C helper
+(multifd-pagecodec, one call a packet) and with the Python per-page loop it replaces
+(``extra={"native": False}``); a summary compares the two.
 
     python benchmarks/bench_hw.py [--size-mib 256] [--threads 2] [--only qatzip,zstd]
 
@@ -26,7 +32,7 @@ import numpy as np
 
 from multifd_core.harness import MethodHarness
 from multifd_core.method import MethodOptions
-from multifd_core.testing import make_pages
+from multifd_core.testing import gil_runnable, make_pages
 from multifd_core.wire import page_count
 
 PAGE = 4096
@@ -107,6 +113,11 @@ def candidates(only: set[str] | None) -> list[tuple[str, str, Callable[[], Any]]
         cls = reg.get(name).cls
         out.append((name, label, lambda: cls(MethodOptions(page_size=PAGE, **opts))))
 
+    def both_paths(name: str, label: str, extra: dict[str, Any]) -> None:
+        """The C helper's path (where built), then the Python per-page loop."""
+        add(name, f"{label} native", engine="software", extra=extra)
+        add(name, f"{label} Python loop", engine="software", extra={**extra, "native": False})
+
     for name in ("qpl", "uadk", "qatzip"):
         if name not in reg:
             continue
@@ -116,12 +127,10 @@ def candidates(only: set[str] | None) -> list[tuple[str, str, Callable[[], Any]]
             if name == "qpl" and e.name == "software":
                 for backend in ("isal", "zlib"):
                     if backend == "zlib" or e.library == "isal":
-                        add(name, f"software/{backend}", engine="software",
-                            extra={"backend": backend})
+                        both_paths(name, f"software/{backend}", {"backend": backend})
             elif name == "uadk" and e.name == "software":
                 add(name, "software (raw, as QEMU)", engine="software")
-                add(name, "software/zlib (opt-in)", engine="software",
-                    extra={"software_compress": True})
+                both_paths(name, "software/zlib (opt-in)", {"software_compress": True})
             else:
                 label = f"{e.name} ({e.kind})" if e.name != e.kind else e.name
                 add(name, label, engine=e.name, level=1 if name == "qatzip" else None)
@@ -183,17 +192,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"image {args.size_mib} MiB: {len(image)} pages, {normal_bytes / image.nbytes:.0%} "
           f"non-zero in {len(packets)} packets; {args.threads} threads; built in "
           f"{time.perf_counter() - t:.1f}s", flush=True)
-    mib = image.nbytes / (1 << 20)
-    head = (f"{'method':<8} {'engine':<26} {'enc s':>7} {'enc MiB/s':>10} {'dec s':>7} "
-            f"{'dec MiB/s':>10} {'ratio':>7}")
+    mib, count = image.nbytes / (1 << 20), len(packets)
+    head = (f"{'method':<8} {'engine':<36} {'enc s':>6} {'enc MiB/s':>9} {'enc pkt/s':>9} "
+            f"{'dec s':>6} {'dec MiB/s':>9} {'dec pkt/s':>9} {'ratio':>6} {'GIL run':>7}")
     print(head)
     print("-" * len(head))
+    rows: dict[str, tuple[float, float, float]] = {}
     for name, label, make in candidates(only):
         t_enc, t_dec, size = bench_method(make, packets, args.threads)
-        print(f"{name:<8} {label:<26} {t_enc:>7.2f} {mib / t_enc:>10.0f} {t_dec:>7.2f} "
-              f"{mib / t_dec:>10.0f} {size / normal_bytes:>7.3f}", flush=True)
-    print("ratio = payload bytes / non-zero page bytes; MiB/s over the whole image")
+        gil = gil_runnable(make, PAGE)
+        rows[f"{name} {label}"] = (t_enc, t_dec, gil)
+        print(f"{name:<8} {label:<36} {t_enc:>6.2f} {mib / t_enc:>9.0f} {count / t_enc:>9.0f} "
+              f"{t_dec:>6.2f} {mib / t_dec:>9.0f} {count / t_dec:>9.0f} "
+              f"{size / normal_bytes:>6.3f} {gil:>7.2f}", flush=True)
+    print("ratio = payload bytes / non-zero page bytes; MiB/s over the whole image; GIL run = "
+          "share of time two busy channel threads were runnable (1.0: never waiting for the GIL)")
+    print_native_gain(rows)
     return 0
+
+
+def print_native_gain(rows: dict[str, tuple[float, float, float]]) -> None:
+    """Native against Python loop, for every engine measured both ways."""
+    for key, (t_enc, t_dec, gil) in rows.items():
+        base = key.removesuffix(" native")
+        slow = rows.get(f"{base} Python loop")
+        if base == key or slow is None:
+            continue
+        print(f"{base}: native helper vs Python per-page loop: encode x{slow[0] / t_enc:.2f}, "
+              f"decode x{slow[1] / t_dec:.2f}; GIL runnable {gil:.2f} vs {slow[2]:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,16 @@ blob is the raw page; otherwise it is the page compressed on its own (< PAGE byt
 The receiver checks the length array before touching any blob (QEMU asserts and aborts
 here; we raise ``MethodError``): ``4 x normal < next_packet_size``, every ``1 <= len <=
 PAGE``, and ``next_packet_size == 4 x normal + sum(len)``.
+
+``SoftwareEngine`` runs a method's software codec: a native per-packet codec when the plugin
+has one (no Python per page: the whole packet in one call that releases the GIL), else the
+per-page Python loop of ``pack`` and ``unpack_into``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -43,15 +47,16 @@ def pack(rows: list[memoryview], blobs: list[Any], page_size: int) -> list[Any]:
     return [lens.astype(LENGTH).tobytes(), *blobs]
 
 
-def pack_raw(pages: np.ndarray) -> list[Any]:
-    """Every page raw: what QEMU's uadk sender does without hardware."""
-    n, size = pages.shape
-    return [np.full(n, size, dtype=LENGTH).tobytes(), memoryview(np.ascontiguousarray(pages))]
+def pack_raw(packet: SendPacket) -> list[Any]:
+    """Every page raw, straight from the packet's runs: what QEMU's uadk sender does without
+    hardware."""
+    lens = np.full(packet.normal_pages, packet.page_size, dtype=LENGTH)
+    return [lens.tobytes(), *packet.iovecs()]
 
 
-def lengths(payload: memoryview, normal: int, page_size: int, channel: int, method: str
-            ) -> tuple[list[int], list[int]]:
-    """Validate the length array; return the blob lengths and their payload offsets."""
+def check_lengths(payload: memoryview, normal: int, page_size: int, channel: int, method: str
+                  ) -> np.ndarray:
+    """Validate the length array (vectorised); return the blob lengths (int64)."""
     size = len(payload)
     head = 4 * normal
     if head >= size:
@@ -73,7 +78,14 @@ def lengths(payload: memoryview, normal: int, page_size: int, channel: int, meth
             f"multifd {channel}: {method} lengths add up to {total} bytes, the packet says "
             f"{size}", field="next_packet_size", received=size, expected=total,
             channel=channel)
-    offsets = (head + np.concatenate(([0], np.cumsum(lens[:-1])))).tolist()
+    return lens
+
+
+def lengths(payload: memoryview, normal: int, page_size: int, channel: int, method: str
+            ) -> tuple[list[int], list[int]]:
+    """Validate the length array; return the blob lengths and their payload offsets."""
+    lens = check_lengths(payload, normal, page_size, channel, method)
+    offsets = (4 * normal + np.concatenate(([0], np.cumsum(lens[:-1])))).tolist()
     return lens.tolist(), offsets
 
 
@@ -91,12 +103,75 @@ def unpack_into(payload: memoryview, normal: int, page_size: int, out: memoryvie
             decode(payload[off:off + n], dst)
 
 
+class PageCodec(Protocol):
+    """A method's per-page Python codec (the fallback path of ``SoftwareEngine``)."""
+
+    def compress_pages(self, rows: list[memoryview]) -> list[Any]:
+        """One blob per page (``None`` or not smaller than a page: sent raw)."""
+
+    def decode(self, blob: memoryview, dst: memoryview) -> None:
+        """Inflate one blob into ``dst``, which it must fill exactly."""
+
+    # The errors ``decode`` raises, which the native path raises too (``Failure.error``):
+    def corrupt_error(self, detail: str) -> MethodError:
+        """The library refused the blob (``detail``: its message)."""
+
+    def length_error(self, got: int, unfinished: bool) -> MethodError:
+        """The blob decoded to ``got`` bytes, not a page (``unfinished``: its stream did not
+        end); ``got`` is page size + 1 for more than a page."""
+
+
+class PacketCodec(Protocol):
+    """A native codec of whole packets (``multifd_pagecodec.PacketCodec``)."""
+
+    def compress(self, pages: memoryview, n: int) -> memoryview:
+        """The payload of ``n`` contiguous pages (valid until the next call)."""
+
+    def decompress_into(self, payload: memoryview, n: int, out: memoryview) -> Any:
+        """Place the pages of a payload with a validated length array; None, or a failure
+        with ``page``, ``status`` and ``error(codec)``."""
+
+
+class SoftwareEngine:
+    """A software engine of this container: ``native`` (one call a packet, GIL released) when
+    given, else ``codec`` page by page in Python. Both write and accept the same bytes."""
+
+    name = "software"
+
+    def __init__(self, method: str, page_size: int, channel: int, codec: PageCodec,
+                 native: PacketCodec | None) -> None:
+        self.method, self.page_size, self.channel = method, page_size, channel
+        self.codec, self.native = codec, native
+
+    def compress(self, packet: SendPacket) -> list[Any]:
+        if self.native is not None:
+            return [self.native.compress(packet.data(), packet.normal_pages)]
+        rows = page_rows(packet.pages())
+        return pack(rows, self.codec.compress_pages(rows), self.page_size)
+
+    def decompress_into(self, payload: memoryview, normal: int, out: memoryview) -> None:
+        if self.native is None:
+            unpack_into(payload, normal, self.page_size, out, self.codec.decode, self.channel,
+                        self.method)
+            return
+        check_lengths(payload, normal, self.page_size, self.channel, self.method)
+        failure = self.native.decompress_into(payload, normal, out)
+        if failure is not None:
+            raise failure.error(self.codec) or MethodError(
+                f"multifd {self.channel}: {self.method} page {failure.page} failed to decode "
+                f"(native status {failure.status})", field=f"blob[{failure.page}]",
+                received=failure.status, expected=0, channel=self.channel)
+
+    def close(self) -> None:
+        return None
+
+
 class PerPageMethod(Method):
     """The hooks of a method that uses this container (QEMU's qpl and uadk).
 
     A subclass defines ``open_channel(channel, sending)``, which puts in ``channel.state`` an
-    engine with ``compress(rows) -> payload buffers``, ``decompress_into(payload, normal, out)``
-    and ``close()``; everything else is here."""
+    engine with ``compress(packet) -> payload buffers``, ``decompress_into(payload, normal,
+    out)`` and ``close()`` (``SoftwareEngine`` or a hardware one); everything else is here."""
 
     def max_payload(self, normal_pages: int) -> int:
         return normal_pages * (4 + self.page_size)
@@ -107,7 +182,7 @@ class PerPageMethod(Method):
 
     @hookimpl
     def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[Any]:
-        return channel.state.compress(page_rows(packet.pages()))
+        return channel.state.compress(packet)
 
     @hookimpl
     def send_cleanup(self, channel: ChannelContext) -> None:

@@ -3,7 +3,8 @@
 #   - QEMU 10 (Debian 13: main suite; Debian 12: bookworm-backports, added here);
 #   - Debian 13's libqatzip3 (+ libqat4, libusdm0, and libqatzip-dev for its header), fetched with `apt-get download`
 #     through a separate apt configuration and unpacked into .cache/qatzip/
-#     (the system's sources are never changed for it).
+#     (the system's sources are never changed for it);
+#   - gcc, libisal-dev and zlib1g-dev for the qpl/uadk native helper (plugins/pagecodec).
 # Not root, or not Debian: prints what to install and exits 0 (the tests then skip with that reason).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,7 +12,7 @@ cache="$here/.cache"
 mkdir -p "$cache"
 
 if [ "$(id -u)" != 0 ] || [ ! -f /etc/debian_version ]; then
-  echo "setup-system: not root on Debian; install QEMU >= 10 (qemu-system-x86) and libqatzip3 yourself" >&2
+  echo "setup-system: not root on Debian; install QEMU >= 10 (qemu-system-x86), libqatzip3, gcc, libisal-dev and zlib1g-dev yourself" >&2
   exit 0
 fi
 
@@ -24,6 +25,14 @@ export DEBIAN_FRONTEND=noninteractive
 if ! command -v tc >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1 \
     || ! command -v openssl >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq iproute2 openssl >/dev/null
+fi
+
+# A C compiler, ISA-L and zlib headers for the per-packet native helper of the qpl and uadk
+# software engines (plugins/pagecodec, built by cffi at install; without them those engines
+# fall back to a per-page Python loop).
+if ! command -v cc >/dev/null 2>&1 || [ ! -f /usr/include/isa-l/igzip_lib.h ] \
+    || [ ! -f /usr/include/zlib.h ]; then
+  apt-get update -qq && apt-get install -y -qq gcc libc6-dev libisal-dev zlib1g-dev >/dev/null
 fi
 
 qemu_ok() {

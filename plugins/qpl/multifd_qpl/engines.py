@@ -12,7 +12,10 @@ import os
 import threading
 from typing import Any
 
+import multifd_pagecodec as pagecodec
+
 from multifd_core import perpage
+from multifd_core.context import SendPacket
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
 from multifd_qpl import _ffi, software
@@ -24,22 +27,13 @@ ENGINE_NAMES = (HARDWARE_ENGINE, SOFTWARE_ENGINE)
 SUBMIT_RETRIES = 3  # as QEMU: then the page goes through the software path
 
 
-class SoftwareEngine:
-    name = SOFTWARE_ENGINE
-
-    def __init__(self, page_size: int, channel: int, backend: str | None = None) -> None:
-        self.codec = software.DeflateCodec(page_size, channel, backend)
-        self.page_size = page_size
-
-    def compress(self, rows: list[memoryview]) -> list[Any]:
-        return perpage.pack(rows, self.codec.compress_pages(rows), self.page_size)
-
-    def decompress_into(self, payload: memoryview, normal: int, out: memoryview) -> None:
-        perpage.unpack_into(payload, normal, self.page_size, out, self.codec.decode,
-                              self.codec.channel, "qpl")
-
-    def close(self) -> None:
-        return None
+def software_engine(page_size: int, channel: int, backend: str | None = None,
+                    native: bool = True) -> perpage.SoftwareEngine:
+    """The software engine: the C helper per packet when it runs the backend here (unless
+    ``native`` is False), else the Python loop per page; the same bytes either way."""
+    codec = software.DeflateCodec(page_size, channel, backend)
+    packets = software.native_codec(codec.backend, page_size) if native else None
+    return perpage.SoftwareEngine("qpl", page_size, channel, codec, packets)
 
 
 class IaaEngine:
@@ -90,8 +84,9 @@ class IaaEngine:
                 return status == _ffi.QPL_STS_OK
         return False
 
-    def compress(self, rows: list[memoryview]) -> list[Any]:
+    def compress(self, packet: SendPacket) -> list[Any]:
         ffi, size = _ffi.ffi, self.page_size
+        rows = perpage.page_rows(packet.pages())
         pages = [ffi.from_buffer("uint8_t[]", row) for row in rows]
         blobs: list[Any] = [None] * len(rows)
         submitted = [False] * len(rows)
@@ -181,10 +176,11 @@ def forced_software() -> bool:
 
 
 def create(name: str, page_size: int, channel: int, page_count: int,
-           backend: str | None = None) -> SoftwareEngine | IaaEngine:
+           backend: str | None = None, native: bool = True
+           ) -> perpage.SoftwareEngine | IaaEngine:
     if name == HARDWARE_ENGINE:
         return IaaEngine(page_size, channel, page_count)
-    return SoftwareEngine(page_size, channel, backend)
+    return software_engine(page_size, channel, backend, native)
 
 
 def engine_infos() -> list[EngineInfo]:
@@ -197,5 +193,6 @@ def engine_infos() -> list[EngineInfo]:
     backend = software.default_backend()
     why = f"forced by {ENV_ENGINE}=software" if forced else \
         ("used when IAA is not usable" if usable else "in use: IAA is not usable here")
-    return [hw, EngineInfo(SOFTWARE_ENGINE, "software", True, f"{why}; backend {backend}",
-                           backend, software.backend_version(backend))]
+    path = pagecodec.report(backend)
+    return [hw, EngineInfo(SOFTWARE_ENGINE, "software", True, f"{why}; backend {backend}; "
+                           f"{path}", backend, software.backend_version(backend))]

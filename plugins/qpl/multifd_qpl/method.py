@@ -12,7 +12,9 @@ from multifd_qpl import engines, software
 
 class Qpl(perpage.PerPageMethod):
     """Options: ``extra["backend"]`` = ``isal`` or ``zlib`` picks the software engine's
-    DEFLATE library (default: isal when installed)."""
+    DEFLATE library (default: isal when installed); ``extra["native"] = False`` makes it run
+    the Python per-page loop even where the C helper (multifd-pagecodec) is built (for
+    benchmarks and tests; the bytes are the same)."""
 
     name = "qpl"
     code = 0x08
@@ -25,6 +27,7 @@ class Qpl(perpage.PerPageMethod):
         if self.backend not in (None, *software.BACKENDS):
             raise MultiFDError(f"qpl software backend {self.backend!r}: use "
                                f"{' or '.join(software.BACKENDS)}")
+        self.native = bool(self.options.extra.get("native", True))
 
     @classmethod
     def engines(cls) -> list[EngineInfo]:
@@ -32,5 +35,6 @@ class Qpl(perpage.PerPageMethod):
 
     def open_channel(self, channel: ChannelContext, sending: bool) -> None:
         channel.state = engines.create(self.engine, self.page_size, channel.id,
-                                       page_count(self.page_size), self.backend)
+                                       page_count(self.page_size), self.backend,
+                                       self.native)
         channel.engine = self.engine

@@ -17,7 +17,10 @@ import threading
 import zlib
 from typing import Any
 
+import multifd_pagecodec as pagecodec
+
 from multifd_core import perpage
+from multifd_core.context import SendPacket
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
 from multifd_uadk import _ffi, software
@@ -28,26 +31,21 @@ SOFTWARE_ENGINE = "software"
 ENGINE_NAMES = (HARDWARE_ENGINE, SOFTWARE_ENGINE)
 
 
-class SoftwareEngine:
-    name = SOFTWARE_ENGINE
+class SoftwareEngine(perpage.SoftwareEngine):
+    """Sends every page raw, as QEMU without hardware, unless ``compress`` (the
+    software_compress option); decodes zlib blobs. Per packet in C when multifd-pagecodec is
+    built (unless ``native`` is False), else per page in Python; the same bytes either way."""
 
-    def __init__(self, page_size: int, channel: int, compress: bool = False) -> None:
-        self.codec = software.ZlibPageCodec(page_size, channel)
-        self.page_size = page_size
-        self.channel = channel
+    def __init__(self, page_size: int, channel: int, compress: bool = False,
+                 native: bool = True) -> None:
+        super().__init__("uadk", page_size, channel, software.ZlibPageCodec(page_size, channel),
+                         software.native_codec(page_size) if native else None)
         self.software_compress = compress
 
-    def compress(self, rows: list[memoryview]) -> list[Any]:
+    def compress(self, packet: SendPacket) -> list[Any]:
         if not self.software_compress:
-            return perpage.pack(rows, [None] * len(rows), self.page_size)
-        return perpage.pack(rows, [self.codec.compress(r) for r in rows], self.page_size)
-
-    def decompress_into(self, payload: memoryview, normal: int, out: memoryview) -> None:
-        perpage.unpack_into(payload, normal, self.page_size, out, self.codec.decode,
-                              self.channel, "uadk")
-
-    def close(self) -> None:
-        return None
+            return perpage.pack_raw(packet)
+        return super().compress(packet)
 
 
 class _Runtime:
@@ -118,8 +116,9 @@ class UadkEngine:
                               received=(rc, req.status), expected=(0, 0), channel=self.channel)
         return int(req.dst_len)
 
-    def compress(self, rows: list[memoryview]) -> list[Any]:
+    def compress(self, packet: SendPacket) -> list[Any]:
         ffi, size = _ffi.ffi, self.page_size
+        rows = perpage.page_rows(packet.pages())
         blobs: list[Any] = []
         for i, row in enumerate(rows):
             dst = self.buf + i * 2 * size
@@ -176,10 +175,10 @@ def forced_software() -> bool:
 
 
 def create(name: str, page_size: int, channel: int, page_count: int, *, compress: bool,
-           software_compress: bool = False) -> SoftwareEngine | UadkEngine:
+           software_compress: bool = False, native: bool = True) -> SoftwareEngine | UadkEngine:
     if name == HARDWARE_ENGINE:
         return UadkEngine(page_size, channel, page_count, compress)
-    return SoftwareEngine(page_size, channel, software_compress)
+    return SoftwareEngine(page_size, channel, software_compress, native)
 
 
 def engine_infos() -> list[EngineInfo]:
@@ -191,6 +190,9 @@ def engine_infos() -> list[EngineInfo]:
                     opened.path if opened else None, opened.version if opened else None)
     why = f"forced by {ENV_ENGINE}=software" if forced else \
         ("used when UADK is not usable" if usable else "in use: UADK is not usable here")
+    native = pagecodec.why_not("zlib") is None
+    version = pagecodec.library_version("zlib") if native else zlib.ZLIB_RUNTIME_VERSION
     return [hw, EngineInfo(SOFTWARE_ENGINE, "software", True,
-                           f"{why}; sends pages raw as QEMU does, decodes zlib blobs",
-                           "zlib", zlib.ZLIB_RUNTIME_VERSION)]
+                           f"{why}; sends pages raw as QEMU does, decodes zlib blobs; "
+                           f"{pagecodec.report('zlib')}", "zlib",
+                           f"{version}, {'native per packet' if native else 'Python per page'}")]

@@ -12,7 +12,9 @@ from multifd_uadk import engines
 class Uadk(perpage.PerPageMethod):
     """Options: ``extra["software_compress"] = True`` makes the software sender compress
     with zlib instead of sending raw (for peers known to decode it: this plugin, or QEMU
-    with UADK hardware); off by default, as in QEMU."""
+    with UADK hardware); off by default, as in QEMU. ``extra["native"] = False`` makes the
+    software engine run its Python per-page loop even where the C helper (multifd-pagecodec)
+    is built (benchmarks, tests; the bytes are the same)."""
 
     name = "uadk"
     code = 0x10
@@ -22,6 +24,7 @@ class Uadk(perpage.PerPageMethod):
         super().__init__(options)
         self.engine = self.choose_engine(self.options.engine).name
         self.software_compress = bool(self.options.extra.get("software_compress", False))
+        self.native = bool(self.options.extra.get("native", True))
 
     @classmethod
     def engines(cls) -> list[EngineInfo]:
@@ -30,5 +33,6 @@ class Uadk(perpage.PerPageMethod):
     def open_channel(self, channel: ChannelContext, sending: bool) -> None:
         channel.state = engines.create(self.engine, self.page_size, channel.id,
                                        page_count(self.page_size), compress=sending,
-                                       software_compress=self.software_compress)
+                                       software_compress=self.software_compress,
+                                       native=self.native)
         channel.engine = self.engine
