@@ -71,8 +71,13 @@ class Library:
 
 
 def library_path() -> str:
-    return os.environ.get("MULTIFD_LZ4_LIBRARY") or ctypes.util.find_library("lz4") \
-        or "liblz4.so.1"
+    return os.environ.get("MULTIFD_LZ4_LIBRARY") or _find_library() or "liblz4.so.1"
+
+
+@functools.cache
+def _find_library() -> str | None:
+    """``ctypes.util.find_library``, once: it runs ``ldconfig -p`` (a process) each call."""
+    return ctypes.util.find_library("lz4")
 
 
 @functools.cache
