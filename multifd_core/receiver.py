@@ -365,13 +365,7 @@ class Receiver:
                                 received="EOF", expected=f"{n * ps} bytes") from None
 
         def write(data: Any) -> None:
-            src = np.frombuffer(data, dtype=np.uint8).reshape(n, ps)
-            first = int(nidx[0])
-            # QEMU's zero-page split reorders offsets: contiguous only if ascending by one.
-            if int(nidx[-1]) - first + 1 == n and bool((np.diff(nidx) == 1).all()):
-                block.pages[first : first + n] = src
-            else:
-                block.pages[nidx] = src
+            block.write_pages(nidx, data)
 
         packet = RecvPacket(channel_id=ctx.id, packet_num=pkt.packet_num,
                             flags=pkt.flags & ~FLAG_SYNC, normal_pages=n,

@@ -192,10 +192,12 @@ class _RawViaWrite(Method):
         packet.write_pages(bytes(packet.read_payload()))
 
 
-def test_write_pages_honours_unsorted_offsets() -> None:
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_write_pages_honours_unsorted_offsets(kind: str, tmp_path) -> None:
     """QEMU's zero-page split swaps offsets, so normal offsets arrive unsorted; a list like
     [1, 3, 2, 4] spans 4 pages but is not one run (regression: it was written as one)."""
-    block = RamBlock.zeros("ram", 8 * PS)
+    block = RamBlock.zeros("ram", 8 * PS) if kind == "memory" else \
+        RamBlock.create_file(tmp_path / "ram", "ram", 8 * PS)
     rx = Receiver(_RawViaWrite(), channels=1, timeout=10)
     rx.set_blocks([block])
     (ch,) = _serve_sockets(rx, 1)
@@ -204,6 +206,32 @@ def test_write_pages_honours_unsorted_offsets() -> None:
     ch.close()
     rx.finish()
     assert [block.pages[i].tobytes()[:1] for i in range(1, 5)] == [b"A", b"B", b"C", b"D"]
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_ramblock_write_pages(kind: str, tmp_path) -> None:
+    """Scattered, unsorted and adjacent pages land where their index says, through the
+    mapping or (file-backed) pwrite; the mapping sees pwrite's pages; bad calls are refused."""
+    block = RamBlock.zeros("ram", 16 * PS) if kind == "memory" else \
+        RamBlock.create_file(tmp_path / "ram", "ram", 16 * PS)
+    assert block.file_backed is (kind == "file")
+    index = np.array([9, 2, 3, 4, 15, 0, 7, 6], dtype=np.int64)
+    data = np.repeat(np.arange(1, 9, dtype=np.uint8), PS)
+    block.write_pages(index, data)
+    expected = np.zeros(16, dtype=np.uint8)
+    expected[index] = np.arange(1, 9)
+    assert np.array_equal(block.pages[:, 0], expected)
+    assert np.array_equal(block.pages[:, -1], expected)
+    if kind == "file":
+        block.flush()
+        on_disk = np.fromfile(tmp_path / "ram", dtype=np.uint8).reshape(16, PS)
+        assert np.array_equal(on_disk[:, 0], expected)
+    with pytest.raises(MultiFDError, match="page 16 outside its 16 pages"):
+        block.write_pages(np.array([16]), bytes(PS))
+    with pytest.raises(MultiFDError, match=f"{PS - 1} bytes for 1 pages"):
+        block.write_pages(np.array([1]), bytes(PS - 1))
+    assert block.pages[1, 0] == 0
+    block.close()
 
 
 def test_idle_channel_is_fine_while_another_moves() -> None:
