@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import cffi
 
 from multifd_core.errors import LibraryNotFoundError
+from multifd_core.method import EngineInfo
 
 
 @dataclass(frozen=True)
@@ -195,3 +196,18 @@ def quiet_stderr(*noise: str) -> Iterator[None]:
                 if kept:
                     sys.stderr.write("".join(kept))
                     sys.stderr.flush()
+
+
+def software_forced(env: str) -> bool:
+    """``$env=software``: this endpoint uses only a plugin's software engine."""
+    return os.environ.get(env, "").strip().lower() == "software"
+
+
+def hardware_engine_info(name: str, env: str, usable: bool, reason: str,
+                         opened: OpenLibrary | None) -> EngineInfo:
+    """The ``EngineInfo`` of a plugin's hardware engine: off when ``$env=software``."""
+    forced = software_forced(env)
+    if forced:
+        reason = f"forced off by {env}=software ({reason})"
+    return EngineInfo(name, "hardware", usable and not forced, reason,
+                      opened.path if opened else None, opened.version if opened else None)

@@ -8,14 +8,13 @@ libqatzip unavailable, forcing software.
 
 from __future__ import annotations
 
-import os
 import threading
 import zlib
 from typing import Any
 
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
-from multifd_core.native import quiet_stderr
+from multifd_core.native import quiet_stderr, software_forced
 from multifd_core.wire import PACKET_SIZE
 from multifd_qatzip import _ffi, gzipqz
 
@@ -136,7 +135,7 @@ def _hw_count(lib: Any, sess: Any) -> int:
 
 def forced_software() -> bool:
     """``$MULTIFD_QATZIP_ENGINE=software``: this endpoint uses only the software engine."""
-    return os.environ.get(ENV_ENGINE, "").strip().lower() == SOFTWARE_ENGINE
+    return software_forced(ENV_ENGINE)
 
 
 _probe_lock = threading.Lock()

@@ -8,7 +8,6 @@ software. ``$MULTIFD_QPL_ENGINE=software`` marks ``iaa`` unavailable.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
@@ -18,6 +17,7 @@ from multifd_core import perpage
 from multifd_core.context import SendPacket
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
+from multifd_core.native import hardware_engine_info, software_forced
 from multifd_qpl import _ffi, software
 
 ENV_ENGINE = "MULTIFD_QPL_ENGINE"
@@ -172,7 +172,7 @@ def hardware_status() -> tuple[bool, str, Any]:
 
 def forced_software() -> bool:
     """``$MULTIFD_QPL_ENGINE=software``: this endpoint uses only the software engine."""
-    return os.environ.get(ENV_ENGINE, "").strip().lower() == SOFTWARE_ENGINE
+    return software_forced(ENV_ENGINE)
 
 
 def create(name: str, page_size: int, channel: int, page_count: int,
@@ -186,10 +186,7 @@ def create(name: str, page_size: int, channel: int, page_count: int,
 def engine_infos() -> list[EngineInfo]:
     forced = forced_software()
     usable, reason, opened = hardware_status()
-    if forced:
-        reason = f"forced off by {ENV_ENGINE}=software ({reason})"
-    hw = EngineInfo(HARDWARE_ENGINE, "hardware", usable and not forced, reason,
-                    opened.path if opened else None, opened.version if opened else None)
+    hw = hardware_engine_info(HARDWARE_ENGINE, ENV_ENGINE, usable, reason, opened)
     backend = software.default_backend()
     why = f"forced by {ENV_ENGINE}=software" if forced else \
         ("used when IAA is not usable" if usable else "in use: IAA is not usable here")

@@ -12,7 +12,6 @@ software. ``$MULTIFD_UADK_ENGINE=software`` marks ``uadk`` unavailable.
 
 from __future__ import annotations
 
-import os
 import threading
 import zlib
 from typing import Any
@@ -23,6 +22,7 @@ from multifd_core import perpage
 from multifd_core.context import SendPacket
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
+from multifd_core.native import hardware_engine_info, software_forced
 from multifd_uadk import _ffi, software
 
 ENV_ENGINE = "MULTIFD_UADK_ENGINE"
@@ -171,7 +171,7 @@ def hardware_status() -> tuple[bool, str, Any]:
 
 def forced_software() -> bool:
     """``$MULTIFD_UADK_ENGINE=software``: this endpoint uses only the software engine."""
-    return os.environ.get(ENV_ENGINE, "").strip().lower() == SOFTWARE_ENGINE
+    return software_forced(ENV_ENGINE)
 
 
 def create(name: str, page_size: int, channel: int, page_count: int, *, compress: bool,
@@ -184,10 +184,7 @@ def create(name: str, page_size: int, channel: int, page_count: int, *, compress
 def engine_infos() -> list[EngineInfo]:
     forced = forced_software()
     usable, reason, opened = hardware_status()
-    if forced:
-        reason = f"forced off by {ENV_ENGINE}=software ({reason})"
-    hw = EngineInfo(HARDWARE_ENGINE, "hardware", usable and not forced, reason,
-                    opened.path if opened else None, opened.version if opened else None)
+    hw = hardware_engine_info(HARDWARE_ENGINE, ENV_ENGINE, usable, reason, opened)
     why = f"forced by {ENV_ENGINE}=software" if forced else \
         ("used when UADK is not usable" if usable else "in use: UADK is not usable here")
     native = pagecodec.why_not("zlib") is None
