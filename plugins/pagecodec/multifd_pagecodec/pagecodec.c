@@ -78,7 +78,9 @@ typedef struct {
 #endif
 } codec;
 
-/* wbits as zlib's for compression; inflating is always raw with a 32 KiB window. */
+/* wbits as zlib's for compression; inflating is always raw with a 32 KiB window. All state
+ * is zeroed: with malloc'd buffers ISA-L's output varied from run to run (about 1 packet in
+ * 20, always valid DEFLATE), which broke byte-identity with the Python path. */
 static int codec_open(codec *c, int backend, int wbits, int inflating)
 {
     memset(c, 0, sizeof(*c));
@@ -97,14 +99,14 @@ static int codec_open(codec *c, int backend, int wbits, int inflating)
     }
 #ifdef PAGECODEC_HAVE_ISAL
     if (inflating) {
-        c->is = malloc(sizeof(*c->is));
+        c->is = calloc(1, sizeof(*c->is));
         return c->is ? PC_OK : PC_NOMEM;
     }
     if (wbits > -8 || wbits < -15) /* raw DEFLATE only */
         return PC_BAD_ARGS;
     c->hist_bits = -wbits;
-    c->zs = malloc(sizeof(*c->zs));
-    c->level_buf = malloc(ISAL_DEF_LVL1_DEFAULT);
+    c->zs = calloc(1, sizeof(*c->zs));
+    c->level_buf = calloc(1, ISAL_DEF_LVL1_DEFAULT);
     return c->zs && c->level_buf ? PC_OK : PC_NOMEM;
 #else
     return PC_NO_BACKEND;
@@ -171,7 +173,7 @@ int64_t pc_compress(int backend, int wbits, const uint8_t *pages, uint32_t n,
      * 16 KiB the isal package starts with: the finished stream decides raw or not, as in
      * Python, and a stream is never cut short. */
     uint32_t cap = 2 * page_size + 1024 < 16384 ? 16384 : 2 * page_size + 1024;
-    uint8_t *scratch = malloc(cap);
+    uint8_t *scratch = calloc(1, cap); /* zeroed, as the codec state (codec_open) */
     if (scratch == NULL)
         return -PC_NOMEM;
     codec e;
