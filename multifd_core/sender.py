@@ -250,6 +250,9 @@ class Sender:
             index = np.asarray(index, dtype=np.int64)
             if len(index) and (int(index.min()) < 0 or int(index.max()) >= block.n_pages):
                 raise MultiFDError(f"page index out of range for ramblock {block.name}")
+            if len(index) > 1 and not (np.diff(index) > 0).all():  # batches assume it
+                raise MultiFDError(f"page numbers for ramblock {block.name} must be ascending "
+                                   "and unique")
         total = block.n_pages if index is None else len(index)
         # Jobs of up to BATCH_PACKETS packets, smaller when there are few, so every channel
         # gets work.

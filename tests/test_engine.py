@@ -163,13 +163,18 @@ def test_sync_round_reports_missing_channels() -> None:
         rx.sync_round()
 
 
-def test_sender_rejects_out_of_range_pages() -> None:
+def test_sender_rejects_bad_page_numbers() -> None:
     from multifd_core.sender import Sender
 
     a, b = socket.socketpair()
     s = Sender(default_registry().create("none"), [a], timeout=5)
     with pytest.raises(MultiFDError, match="page index out of range"):
         s.queue_pages(RamBlock.zeros("ram", PS), np.array([1]))
+    # plan_batch takes an index whose ends span exactly n pages for a contiguous range: an
+    # unsorted [0, 2, 1, 3] would be scanned as pages 0..3 and page 2 sent as page 1's zero.
+    for index in ([0, 2, 1, 3], [0, 0, 2], [3, 2]):
+        with pytest.raises(MultiFDError, match="must be ascending and unique"):
+            s.queue_pages(RamBlock.zeros("ram", 4 * PS), np.array(index))
     s.abort()
     b.close()
 
