@@ -1,10 +1,13 @@
-"""Fuzz targets: every decoder a peer can reach, fed raw bytes.
+"""Fuzz targets: every decoder a peer can reach, fed raw bytes, judged by a reference.
 
-A target returns normally or raises a ``MultiFDError`` (the project's refusal); anything else
-escaping is a bug, and so is an ``AssertionError`` from the extra checks here (a validated
-packet that still points outside its block, a decoder that returns the wrong number of pages).
-Shared by the atheris harnesses in this directory and by tests/test_fuzz.py, which replays
-tests/fuzz_corpus/.
+Each target decodes its input with the project's code and with the reference decoder of
+``reference.py`` (written from the specs, independent of the project's checks) and requires
+both to agree: the project accepts exactly what the reference accepts and decodes it to the same
+values and pages, and refuses what the reference refuses with a ``WireError`` naming the same
+field. A disagreement is an ``AssertionError``; so is anything else escaping but a
+``MultiFDError`` (the project's refusal). Methods without a reference here (lz4) and the QEMU
+main stream only have to raise nothing else. Shared by the atheris harnesses in this
+directory and by tests/test_fuzz.py, which replays tests/fuzz_corpus/.
 """
 
 from __future__ import annotations
@@ -12,57 +15,115 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from functools import cache, lru_cache
+from typing import Any
 
 import numpy as np
+import reference as ref
 
 from multifd_core import protocol, wire
 from multifd_core.errors import MultiFDError
 from multifd_core.harness import MethodHarness
 from multifd_core.method import MethodOptions
-from multifd_core.pages import offsets_to_index
 from multifd_core.registry import MethodRegistry, default_registry
 
 UUID = bytes(range(16))
 BLOCK_PAGES = 64
 PAGE_SIZES = (4096, 512, 8192, 65536)
+#: Method codes a RAM packet is checked against, picked by the selector byte.
+CODES = (0x00, 0x02, 0x04, 0x08, 0x10, 0x20)
+SEPARATOR = b"\xff\xfe\xfd"
+DIGEST_NAMES = ["ram", "pc.bios"]
 
 
 def _page_size(selector: int) -> int:
     return PAGE_SIZES[selector % len(PAGE_SIZES)]
 
 
+def judge(what: str, ours: Callable[[], Any], theirs: Callable[[], Any],
+          same: Callable[[Any, Any], bool] = lambda a, b: a == b,
+          fields: bool = True) -> Any:
+    """Run the project's decoder and the reference; they must agree (see the module doc).
+    Returns the project's value, or None when both refused."""
+    try:
+        got: Any = ours()
+    except MultiFDError as exc:
+        got = exc
+    try:
+        want: Any = theirs()
+    except ref.Reject as exc:
+        want = exc
+    if isinstance(want, ref.Reject):
+        assert isinstance(got, MultiFDError), \
+            f"{what}: accepted what the reference refuses ({want.field}): {got!r}"
+        field = getattr(got, "field", None)
+        assert not fields or field == want.field, \
+            f"{what}: refused for {field}, the reference for {want.field}: {got}"
+        return None
+    assert not isinstance(got, MultiFDError), \
+        f"{what}: refused what the reference accepts ({want!r}): {got}"
+    assert same(got, want), f"{what}: decoded {got!r}, the reference {want!r}"
+    return got
+
+
 def init_packet(data: bytes) -> None:
-    init = wire.decode_init(data[:wire.INIT_LEN])
-    wire.validate_init(init, uuid=UUID if data[-1:] != b"\0" else init.uuid, channels=4,
-                       seen={1})
-    assert 0 <= init.channel_id < 4 and init.channel_id != 1
+    """An init packet (the rest of the input is ignored); a last byte of 0 makes the session
+    uuid the packet's own, so inputs reach the id checks."""
+    raw = data[:wire.INIT_LEN]
+    uuid = raw[8:24] if data[-1:] == b"\0" and len(raw) == wire.INIT_LEN else UUID
+
+    def ours() -> int:
+        init = wire.decode_init(raw)
+        wire.validate_init(init, uuid=uuid, channels=4, seen={1})
+        return init.channel_id
+
+    judge("init", ours, lambda: ref.init_packet(raw, uuid=uuid, channels=4, seen={1}))
 
 
 def ram_packet(data: bytes) -> None:
+    """``data[0]``: page size (bits 0-1) and the session's method code (bits 2-4); then a
+    RAM packet, padded with zeros to its full length. Two blocks: "ram" of 64 pages and a
+    one-page block with a 255-byte name."""
     if not data:
         return
     ps = _page_size(data[0])
+    code = CODES[(data[0] >> 2) % len(CODES)]
     plen = wire.ram_packet_len(ps)
     body = data[1:plen + 1].ljust(plen, b"\0")
-    pkt = wire.decode_ram_packet(body, ps)
     blocks = {b"ram": BLOCK_PAGES * ps, b"r" * 255: ps}
-    code = data[1] & wire.COMPRESSION_MASK if len(data) > 1 else 0
-    wire.validate_ram_packet(pkt, page_size=ps, block_length=blocks.get, method_code=code,
-                             max_payload=lambda n: n * ps)
-    n = pkt.normal_pages + pkt.zero_pages
-    assert n <= wire.page_count(ps) and pkt.next_packet_size <= pkt.normal_pages * ps
-    if n:
-        name = wire.block_name(pkt.ramblock + b"\0")
-        idx = offsets_to_index(pkt.offsets[:n], ps)
-        assert int(idx.max()) * ps < blocks[name] and int(idx.min()) >= 0
+
+    def max_payload(normal: int) -> int:
+        return normal * ps
+
+    def ours() -> ref.RamPacket:
+        pkt = wire.decode_ram_packet(body, ps)
+        wire.validate_ram_packet(pkt, page_size=ps, block_length=blocks.get,
+                                 method_code=code, max_payload=max_payload)
+        has_pages = pkt.normal_pages + pkt.zero_pages > 0
+        return ref.RamPacket(pkt.flags, pkt.packet_num, pkt.next_packet_size,
+                             wire.block_name(pkt.ramblock) if has_pages else None,
+                             tuple(pkt.normal_offsets.tolist()),
+                             tuple(pkt.zero_offsets.tolist()))
+
+    def theirs() -> ref.RamPacket:
+        normal = struct.unpack_from(">I", body, 16)[0]
+        return ref.ram_packet(body, page_size=ps, blocks=blocks, method_code=code,
+                              max_payload=max_payload(normal))
+
+    judge("ram packet", ours, theirs)
 
 
 def device_state(data: bytes) -> None:
-    pkt = wire.decode_device_state(data[:wire.DEVICE_STATE_LEN].ljust(
-        wire.DEVICE_STATE_LEN, b"\0"))
-    wire.validate_device_state(pkt, max_payload=64 << 20)
-    assert 0 < pkt.next_packet_size <= 64 << 20
-    pkt.name.encode()
+    raw = data[:wire.DEVICE_STATE_LEN].ljust(wire.DEVICE_STATE_LEN, b"\0")
+
+    def ours() -> ref.DeviceState:
+        pkt = wire.decode_device_state(raw)
+        wire.validate_device_state(pkt, max_payload=64 << 20)
+        return ref.DeviceState(wire.block_name(pkt.idstr), pkt.instance_id,
+                               pkt.next_packet_size)
+
+    pkt = judge("device state", ours, lambda: ref.device_state(raw, max_payload=64 << 20))
+    if pkt is not None:
+        wire.decode_device_state(raw).name.encode()
 
 
 @lru_cache(maxsize=1)
@@ -72,18 +133,48 @@ def _registry():  # noqa: ANN202
     return MethodRegistry(only=["zlib", "zstd"])
 
 
+def _hello_fields(hello: protocol.Hello) -> ref.Hello:
+    return ref.Hello(hello.uuid, hello.page_size, hello.channels, tuple(hello.blocks),
+                     tuple((o.name, o.code, o.version) for o in hello.offers), hello.method,
+                     hello.level)
+
+
+def _hello(raw: bytes) -> protocol.Hello | None:
+    """A HELLO body through both layers (JSON, then fields), judged at each."""
+    limits = {"max_channels": 16, "max_total": 1 << 30}
+    body = judge("session body", lambda: protocol.decode_body(raw), lambda: ref.body(raw))
+    if body is None:
+        return None
+    parsed: list[protocol.Hello] = []
+
+    def ours() -> ref.Hello:
+        parsed.append(protocol.parse_hello(body, **limits))
+        return _hello_fields(parsed[0])
+
+    if judge("hello", ours, lambda: ref.hello(body, **limits)) is None:
+        return None
+    return parsed[0]
+
+
 def session_frames(data: bytes) -> None:
     """Frames as the receiver reads them: header, body, then what each message carries."""
     pos = 0
     for _ in range(4):
         if len(data) - pos < protocol.FRAME_LEN:
             return
-        kind, length = protocol.decode_frame(data[pos:pos + protocol.FRAME_LEN])
+        head = data[pos:pos + protocol.FRAME_LEN]
+        framed = judge("frame", lambda h=head: protocol.decode_frame(h),
+                       lambda h=head: ref.frame(h), same=lambda a, b: (int(a[0]), a[1]) == b)
+        if framed is None:
+            return
+        kind, length = framed
         pos += protocol.FRAME_LEN
-        body = protocol.decode_body(data[pos:pos + length])
+        raw = data[pos:pos + length]
         pos += length
         if kind is protocol.Msg.HELLO:
-            hello = protocol.parse_hello(body, max_channels=16, max_total=1 << 30)
+            hello = _hello(raw)
+            if hello is None:
+                return
             assert sum(ln for _, ln in hello.blocks) <= 1 << 30
             for name, _ in hello.blocks:
                 name.encode()
@@ -92,41 +183,71 @@ def session_frames(data: bytes) -> None:
             except MultiFDError:
                 pass
         elif kind is protocol.Msg.DONE:
-            protocol.parse_digests(body, ["ram", "pc.bios"])
+            body = judge("session body", lambda r=raw: protocol.decode_body(r),
+                         lambda r=raw: ref.body(r))
+            if body is None:
+                return
+            judge("digests", lambda b=body: protocol.parse_digests(b, DIGEST_NAMES),
+                  lambda b=body: ref.digests(b, DIGEST_NAMES))
 
 
 def hello_json(data: bytes) -> None:
     """A HELLO body straight to the JSON layer (the frame header already passed)."""
-    protocol.parse_hello(protocol.decode_body(data), max_channels=16, max_total=1 << 30)
+    _hello(data)
 
 
 @cache
-def _method(name: str):  # noqa: ANN202
-    return default_registry().create(name, MethodOptions(page_size=4096))
+def _method(name: str, engine: str | None = None):  # noqa: ANN202
+    return default_registry().create(name, MethodOptions(page_size=4096, engine=engine))
 
 
 @cache
-def _harness(name: str) -> MethodHarness:
-    return MethodHarness(_method(name))
+def _harness(name: str, engine: str | None = None) -> MethodHarness:
+    return MethodHarness(_method(name, engine))
 
 
-def method_payload(name: str) -> Callable[[bytes], None]:
+def method_targets() -> dict[str, tuple[str, str | None, bool]]:
+    """Target name -> (method, engine or None for the default, judged by a reference).
+
+    qatzip is judged on its software engine. libqatzip (QEMU's own decoder) accepts a gzip
+    member whose 8-byte trailer is cut short, skipping its CRC check, which the reference
+    refuses; that engine gets a target of its own that only checks for crashes."""
+    out: dict[str, tuple[str, str | None, bool]] = {
+        f"method_{m}": (m, None, m in ref.METHODS) for m in available_methods()}
+    if "method_qatzip" in out:
+        out["method_qatzip"] = ("qatzip", "software", True)
+        cls = default_registry().get("qatzip").cls
+        if any(e.name == "libqatzip" and e.available for e in cls.engines()):
+            out["method_qatzip_libqatzip"] = ("qatzip", "libqatzip", False)
+    return out
+
+
+def method_payload(name: str, engine: str | None = None, judged: bool = True
+                   ) -> Callable[[bytes], None]:
     """``data[0]`` picks the page count (1..128), ``data[1:]`` is the payload of a first
     packet on a fresh channel; a second packet on the same channel follows a ``ff fe fd``
-    separator (stateful streams)."""
+    separator (stateful streams). Each packet is judged against the method's reference
+    decoder (``judged``), on a reference channel with the same history."""
+    reference = ref.METHODS.get(name) if judged else None
 
     def target(data: bytes) -> None:
         if not data:
             return
-        h = _harness(name)
+        h = _harness(name, engine)
         h.reset_receiver()  # each input starts on a fresh channel
-        rest = data[1:]
-        for part in rest.split(b"\xff\xfe\xfd", 2)[:2]:
-            n = data[0] % 128 + 1
-            out = h.decode(part, n)
-            assert out.shape == (n, 4096)
+        channel = reference(4096) if reference is not None else None
+        n = data[0] % 128 + 1
+        for part in data[1:].split(SEPARATOR, 2)[:2]:
+            if channel is None:
+                out = h.decode(part, n)
+                assert out.shape == (n, 4096)
+                continue
+            pages = judge(f"method {name}", lambda p=part: h.decode(p, n).tobytes(),
+                          lambda p=part: channel.packet(p, n), fields=False)
+            if pages is None:
+                return  # a refused packet ends the channel
 
-    target.__name__ = f"method_{name}"
+    target.__name__ = f"method_{name}" + (f"_{engine}" if engine else "")
     return target
 
 
@@ -152,8 +273,8 @@ def targets() -> dict[str, Callable[[bytes], None]]:
         "init": init_packet, "ram_packet": ram_packet, "device_state": device_state,
         "session": session_frames, "hello": hello_json,
     }
-    for name in available_methods():
-        out[f"method_{name}"] = method_payload(name)
+    for target, spec in method_targets().items():
+        out[target] = method_payload(*spec)
     try:
         from multifd_core.qemu import stream  # noqa: F401
 
@@ -164,7 +285,8 @@ def targets() -> dict[str, Callable[[bytes], None]]:
 
 
 def run(target: Callable[[bytes], None], data: bytes) -> None:
-    """Run one input: the project's refusals are fine, anything else propagates."""
+    """Run one input: the project's refusals are fine (where a target has a reference it
+    has already judged them), anything else propagates."""
     try:
         target(data)
     except MultiFDError:
@@ -192,7 +314,7 @@ def seed_inputs(name: str) -> list[bytes]:
             return [frame[protocol.FRAME_LEN:]]
         return [frame + done]
     if name.startswith("method_"):
-        m = _method(name[7:])
+        m = _method(*method_targets()[name][:2])
         pages = np.zeros((3, ps), dtype=np.uint8)
         pages[0, :100] = 7
         pages[1] = np.arange(ps) % 251

@@ -94,10 +94,11 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+def _get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str,
+         field: str | None = None) -> Any:
     value = body.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise WireError(f"bad {what}", field=key, received=repr(value)[:60],
+        raise WireError(f"bad {what}", field=field or key, received=repr(value)[:60],
                         expected=getattr(kind, "__name__", str(kind)))
     return value
 
@@ -132,7 +133,7 @@ def parse_hello(body: dict[str, Any], *, max_channels: int = 255,
                 max_total: int = 1 << 44) -> Hello:
     """Validate a HELLO body: every field, with limits on what a peer can make us allocate."""
     uuid = _get(body, "uuid", str, "session uuid")
-    if not _HEX32.match(uuid):
+    if not _HEX32.fullmatch(uuid):
         raise WireError("bad session uuid", field="uuid", received=ascii(uuid[:40]),
                         expected="32 hex digits")
     page_size = _get(body, "page_size", int, "page size")
@@ -152,13 +153,13 @@ def parse_hello(body: dict[str, Any], *, max_channels: int = 255,
         if not isinstance(item, dict):
             raise WireError("bad ramblock entry", field="blocks", received=repr(item)[:60],
                             expected="an object with name and length")
-        name = _get(item, "name", str, "ramblock name")
-        length = _get(item, "length", int, "ramblock length")
+        name = _get(item, "name", str, "ramblock name", "blocks.name")
         raw = name.encode("utf-8", "replace")
         if (not raw or len(raw) >= RAMBLOCK_NAME_LEN or "\0" in name or name in seen
                 or not _encodable(name)):
             raise WireError("bad ramblock name", field="blocks.name", received=ascii(name[:60]),
                             expected="1..255 bytes of UTF-8, no NUL, unique")
+        length = _get(item, "length", int, "ramblock length", "blocks.length")
         if length <= 0 or length % page_size:
             raise WireError(f"bad length for ramblock {name}", field="blocks.length",
                             received=length, expected=f"a positive multiple of {page_size}")
@@ -173,8 +174,8 @@ def parse_hello(body: dict[str, Any], *, max_channels: int = 255,
         if not isinstance(item, dict):
             raise WireError("bad method offer", field="offers", received=repr(item)[:60],
                             expected="an object")
-        offers.append(Offer(_get(item, "name", str, "method name")[:64],
-                            _get(item, "code", int, "method code"),
+        offers.append(Offer(_get(item, "name", str, "method name", "offers.name")[:64],
+                            _get(item, "code", int, "method code", "offers.code"),
                             str(item.get("version", ""))[:32]))
     method = body.get("method")
     if method is not None and not isinstance(method, str):
@@ -246,7 +247,7 @@ def parse_digests(body: dict[str, Any], names: list[str]) -> dict[str, str]:
     out = {}
     for name in names:
         d = digests.get(name)
-        if not isinstance(d, str) or not _HEX64.match(d):
+        if not isinstance(d, str) or not _HEX64.fullmatch(d):
             raise WireError(f"bad digest for ramblock {name}", field="digests",
                             received=repr(d)[:70], expected="64 hex digits")
         out[name] = d
