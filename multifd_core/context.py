@@ -126,6 +126,10 @@ class RecvPacket:
         return self._read(self.next_packet_size)
 
     def readinto_pages(self) -> None:
+        if self.next_packet_size != self.expected_size:
+            # Reading normal_pages x page_size bytes of a payload of another size would
+            # leave the channel inside a packet: refuse here, not at the next header.
+            raise self.size_error(self.next_packet_size, "next_packet_size")
         self._take()
         self._readinto_pages()
 
@@ -135,12 +139,22 @@ class RecvPacket:
             raise self.size_error(size)
         self._write(data)
 
-    def size_error(self, received: int) -> MethodError:
+    def size_error(self, received: int, field: str = "decoded_size") -> MethodError:
         return MethodError(
             f"multifd {self.channel_id}: packet size received {received} size expected "
             f"{self.expected_size} (packet {self.packet_num})",
-            field="decoded_size", received=received, expected=self.expected_size,
+            field=field, received=received, expected=self.expected_size,
             channel=self.channel_id)
+
+    def check_consumed(self, method: str) -> None:
+        """After ``recv``: the method must have read the payload, or the channel's next
+        header would be read from inside it (a confusing magic error one packet late)."""
+        if not self._consumed:
+            raise MethodError(
+                f"multifd {self.channel_id}: method {method} returned from recv without "
+                f"reading the payload of packet {self.packet_num} ({self.next_packet_size} "
+                "bytes)", field="payload", received="unread", expected="read by recv",
+                channel=self.channel_id)
 
     def _take(self) -> None:
         if self._consumed:

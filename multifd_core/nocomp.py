@@ -21,10 +21,8 @@ class NoCompression(Method):
 
     @hookimpl
     def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
-        # QEMU ignores next_packet_size for none; we insist it is right (validated as <=,
-        # and here as ==), since a wrong value desynchronises the stream.
-        if packet.next_packet_size != packet.expected_size:
-            raise packet.size_error(packet.next_packet_size)
+        # QEMU ignores next_packet_size for none; we insist it is right (readinto_pages
+        # refuses any other size), since a wrong value desynchronises the stream.
         packet.readinto_pages()
 
 

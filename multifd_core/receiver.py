@@ -372,9 +372,7 @@ class Receiver:
                             next_packet_size=pkt.next_packet_size, page_size=ps, read=read,
                             readinto_pages=readinto_pages, write=write)
         self.hooks.recv(channel=ctx, packet=packet)
-        if not packet._consumed:
-            raise WireError(f"method {self.method.name} did not read the packet payload",
-                            field="payload", received="unread", expected="read by recv")
+        packet.check_consumed(self.method.name)
 
     def _device_state(self, sock: socket.socket, view: memoryview,
                       st: ChannelStats) -> None:
