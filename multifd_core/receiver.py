@@ -86,6 +86,7 @@ class Receiver:
         self._finished = False
         self._last_progress = time.monotonic()
         self.rounds = 0
+        self._rounds_over = False  # end_rounds(): no ROUND marker follows
 
     # ------------------------------------------------------------------ set-up
 
@@ -171,6 +172,7 @@ class Receiver:
         for _ in range(self.channels):
             while not self._arrived.acquire(timeout=_POLL):
                 self.check()
+                self._check_ended_without_sync()
                 if deadline is not None and time.monotonic() > deadline:
                     missing = self.channels - self.connected
                     raise TransportError(
@@ -208,6 +210,32 @@ class Receiver:
         """Record pages written outside the channels (QEMU's main-channel page records), so a
         later multifd zero page over them writes zeros as QEMU's destination does."""
         self._targets[block_name.encode()].received[index] = True
+
+    def end_rounds(self) -> None:
+        """No ROUND marker follows (the main channel said DONE). A channel at a SYNC past the
+        last round, now or later, breaks the one-SYNC-per-channel-per-round rule."""
+        self._rounds_over = True
+        for cid in range(self.channels):
+            self._check_extra_sync(cid)
+
+    def _check_extra_sync(self, cid: int) -> None:
+        sent = self.stats[cid].sync_packets
+        if sent > self.rounds:
+            raise WireError(
+                f"multifd: SYNC number {sent} has no ROUND marker after it (the main channel "
+                f"sent {self.rounds}, then DONE)", field="sync",
+                received=f"{sent} SYNCs", expected=f"{self.rounds}, one per round",
+                channel=cid)
+
+    def _check_ended_without_sync(self) -> None:
+        """While waiting for round ``self.rounds``: a channel that ended cannot send it."""
+        for cid, t in list(self._threads.items()):
+            sent = self.stats[cid].sync_packets
+            if not t.is_alive() and sent <= self.rounds and self._error is None:
+                raise WireError(
+                    f"multifd: the channel ended without its SYNC for round {self.rounds}",
+                    field="sync", received=f"{sent} SYNCs",
+                    expected=f"{self.rounds + 1}, one per round", channel=cid)
 
     def release_all(self) -> None:
         """Release channels blocked at an unpaired trailing SYNC (QEMU 9.0–9.2 sources)."""
@@ -312,6 +340,8 @@ class Receiver:
             self._last_progress = time.monotonic()
             if pkt.is_sync:
                 st.sync_packets += 1
+                if self._rounds_over:
+                    self._check_extra_sync(cid)
                 self._arrived.release()
                 while not self._release[cid].acquire(timeout=_POLL):
                     if self._error is not None:

@@ -493,6 +493,7 @@ class ReceiveSession:
                     receiver.sync_round()
                     rounds += 1
                     continue
+                receiver.end_rounds()
                 break
             theirs = parse_digests(body, [b.name for b in self.blocks])
             chan_stats, transfer, ours = early.result()
