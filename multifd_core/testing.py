@@ -16,6 +16,7 @@ attributes below to describe the method; every check failure names what was expe
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import sys
@@ -91,6 +92,14 @@ def require(condition: bool, reason: str) -> None:
     if in_ci():
         pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
     pytest.skip(reason)
+
+
+def system_zlib() -> str:
+    """The system's libz.so.1: a real library that is not the one a binding wants, for
+    tests of a binding pointed at the wrong library."""
+    paths = glob.glob("/lib/*/libz.so.1") + glob.glob("/usr/lib/*/libz.so.1")
+    require(bool(paths), "no libz.so.1 to stand in for a wrong library: install zlib1g")
+    return paths[0]
 
 
 # ---------------------------------------------------------------------- the suite

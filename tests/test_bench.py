@@ -18,6 +18,7 @@ from multifd_core.auto import Candidate, choose_method, probe_receive, probe_sen
 from multifd_core.image import fill_mixed
 from multifd_core.ram import RamBlock
 from multifd_core.registry import default_registry
+from multifd_core.testing import require
 
 REPO = Path(__file__).resolve().parents[1]
 CI = bool(os.environ.get("CI"))
@@ -75,9 +76,9 @@ def test_quick_bench_rss_scaling(quick: dict[str, Any]) -> None:
 
 def test_quick_bench_links(quick: dict[str, Any]) -> None:
     links = quick["links"]
-    if "skipped" in links:
+    if "skipped" in links:  # the link emulation needs root (network namespaces, tc)
         assert os.geteuid() != 0, links["skipped"]
-        return
+        require(False, f"link runs skipped: {links['skipped']} (run as root, as CI does)")
     (entry,) = links["links"]
     assert entry["rate"] == "1gbit"
     assert 50e6 < entry["probe"]["bytes_per_s"] < 130e6  # tbf at 1 Gbit/s
@@ -114,10 +115,7 @@ def mixed_block() -> RamBlock:
 
 def test_auto_prefers_compression_on_a_slow_link(mixed_block: RamBlock) -> None:
     cands = [Candidate("none"), Candidate("zlib", 1)]
-    if "zlib" not in default_registry():
-        if CI:
-            pytest.fail("zlib plugin missing")
-        pytest.skip("needs the zlib plugin: pip install -e plugins/zlib")
+    require("zlib" in default_registry(), "needs the zlib plugin: pip install -e plugins/zlib")
     name, report = choose_method([mixed_block], default_registry(), 2, 1e6, candidates=cands)
     assert name == "zlib" and report["choice"] == "zlib:1"
     assert report["sample"]["normal_fraction"] == pytest.approx(0.6, abs=0.05)
@@ -127,8 +125,7 @@ def test_auto_prefers_compression_on_a_slow_link(mixed_block: RamBlock) -> None:
 
 
 def test_auto_prefers_none_on_a_fast_link(mixed_block: RamBlock) -> None:
-    if "zlib" not in default_registry():
-        pytest.skip("needs the zlib plugin: pip install -e plugins/zlib")
+    require("zlib" in default_registry(), "needs the zlib plugin: pip install -e plugins/zlib")
     cands = [Candidate("zlib", 1), Candidate("none")]
     name, report = choose_method([mixed_block], default_registry(), 2, 1e12, candidates=cands)
     assert name == "none"

@@ -23,7 +23,14 @@ import pytest
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.harness import MethodHarness
 from multifd_core.method import MethodOptions
-from multifd_core.testing import MethodConformance, in_ci, make_pages, mixed_pages, require
+from multifd_core.testing import (
+    MethodConformance,
+    in_ci,
+    make_pages,
+    mixed_pages,
+    require,
+    system_zlib,
+)
 
 try:
     from multifd_qatzip import _ffi, engines, gzipqz
@@ -299,7 +306,7 @@ def test_library_missing(monkeypatch, tmp_path):
 
 
 def test_library_that_is_not_qatzip(monkeypatch):
-    monkeypatch.setenv(_ffi.SPEC.env, zlib_path())
+    monkeypatch.setenv(_ffi.SPEC.env, system_zlib())
     with pytest.raises(LibraryNotFoundError, match="no symbol qzInit"):
         _ffi.load()
 
@@ -324,12 +331,6 @@ def test_cli_lists_the_engines():
     qz = next(m for m in report["methods"] if m["name"] == "qatzip")
     assert qz["code"] == 0x20
     assert [e["name"] for e in qz["engines"]] == ["libqatzip", "software"]
-
-
-def zlib_path() -> str:
-    for p in glob.glob("/lib/*/libz.so.1") + glob.glob("/usr/lib/*/libz.so.1"):
-        return p
-    pytest.skip("no libz.so.1 to stand in for a wrong library")
 
 
 # ---------------------------------------------------------------- the binding's ABI

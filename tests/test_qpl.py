@@ -9,7 +9,6 @@ untested.
 
 from __future__ import annotations
 
-import glob
 import sys
 import zlib
 
@@ -19,7 +18,14 @@ import pytest
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.harness import MethodHarness
 from multifd_core.method import MethodOptions
-from multifd_core.testing import MethodConformance, in_ci, make_pages, mixed_pages, require
+from multifd_core.testing import (
+    MethodConformance,
+    in_ci,
+    make_pages,
+    mixed_pages,
+    require,
+    system_zlib,
+)
 
 try:
     import multifd_pagecodec as pagecodec
@@ -237,10 +243,7 @@ def test_library_not_set_searches_the_system(monkeypatch):
 
 
 def test_library_that_is_not_qpl(monkeypatch):
-    libz = (glob.glob("/lib/*/libz.so.1") + glob.glob("/usr/lib/*/libz.so.1"))[:1]
-    if not libz:
-        pytest.skip("no libz.so.1 to stand in for a wrong library")
-    monkeypatch.setenv(_ffi.SPEC.env, libz[0])
+    monkeypatch.setenv(_ffi.SPEC.env, system_zlib())
     with pytest.raises(LibraryNotFoundError, match="no symbol qpl_get_job_size"):
         _ffi.load()
     assert method().engine == "software"
