@@ -1,8 +1,9 @@
 """Record real QEMU main streams (and small channels) into tests/qemu/data.
 
-Run by hand: ``.venv/bin/python tests/qemu/make_vectors.py``. A plain socket listener takes
-the source's connections and saves each one's bytes; it never writes back, so return-path
-streams cannot be recorded this way.
+Run by hand: ``.venv/bin/python tests/qemu/make_vectors.py [NAME ...]`` (the names of the
+cases to record; all of them without). A plain socket listener takes the source's connections
+and saves each one's bytes; it never writes back, so return-path streams cannot be recorded
+this way.
 """
 
 from __future__ import annotations
@@ -93,8 +94,17 @@ def main() -> int:
                                        False),
             "pc-10.0-sparse": (GuestConfig(machine="pc", share=False,
                                            ram_file=w / "sparse.bin"), 2, None, True),
+            # Machine type 8.0: per-section sync (a SYNC per channel at every RAM EOS) and
+            # legacy zero pages (on the main stream).
+            "pc-8.0-sparse": (GuestConfig(machine="pc-i440fx-8.0", share=False,
+                                          ram_file=w / "sparse.bin"), 2, None, True),
         }
-        for name, (config, channels, zpd, keep) in cases.items():
+        wanted = sys.argv[1:] or list(cases)
+        unknown = set(wanted) - set(cases)
+        if unknown:
+            sys.exit(f"unknown case(s) {', '.join(sorted(unknown))}; cases: {', '.join(cases)}")
+        for name in wanted:
+            config, channels, zpd, keep = cases[name]
             streams = record(w, config, channels=channels, zpd=zpd)
             with gzip.open(DATA / f"{name}.main.gz", "wb") as f:
                 f.write(streams[0])

@@ -1,6 +1,7 @@
-"""Capture driven by a real QEMU 10.0.2 migration recorded byte for byte (main stream and both
-channels of a 64 MiB paused pc guest with 40 random pages), replayed over loopback sockets.
-Runs without QEMU."""
+"""Capture driven by real QEMU 10.0.2 migrations recorded byte for byte (main stream and both
+channels of a 64 MiB paused pc guest with 40 random pages), replayed over loopback sockets:
+machine type 10.0 (per-round sync, multifd zero pages) and 8.0 (per-section sync: a SYNC per
+channel at every RAM EOS; zero pages on the main stream). Runs without QEMU."""
 
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ from multifd_core.errors import MultiFDError
 from multifd_core.qemu import stream as qs
 from multifd_core.qemu.capture import QemuCapture
 
-NAME = "pc-10.0-sparse"
-EXPECTED = json.loads((DATA / f"{NAME}.json").read_text())
-MAIN = read_vector(f"{NAME}.main.gz")
-CHANNELS = [read_vector(f"{NAME}.ch{i}.gz") for i in range(EXPECTED["channels"])]
 
+def load(name: str) -> tuple[dict, bytes, list[bytes]]:
+    expected = json.loads((DATA / f"{name}.json").read_text())
+    return (expected, read_vector(f"{name}.main.gz"),
+            [read_vector(f"{name}.ch{i}.gz") for i in range(expected["channels"])])
+
+
+NAME = "pc-10.0-sparse"
+EXPECTED, MAIN, CHANNELS = load(NAME)
 
 def play(port: int, main: bytes, channels: list[bytes], *, main_last: bool = False,
          delay: float = 0.0) -> list[BaseException]:
@@ -84,24 +89,29 @@ def capture(tmp_path: Path, main: bytes = MAIN, streams: list[bytes] | None = No
     return result["manifest"]
 
 
+@pytest.mark.parametrize(("name", "machine", "sync_mode"), [
+    (NAME, "pc-i440fx-10.0", "per-round"), ("pc-8.0-sparse", "pc-i440fx-8.0", "per-section")])
 @pytest.mark.parametrize("main_last", [False, True])
-def test_recorded_migration_is_rebuilt(tmp_path: Path, main_last: bool) -> None:
-    m = capture(tmp_path, main_last=main_last)
+def test_recorded_migration_is_rebuilt(tmp_path: Path, main_last: bool, name: str,
+                                       machine: str, sync_mode: str) -> None:
+    expected, main, channels = load(name)
+    m = capture(tmp_path, main, channels, main_last=main_last)
     out = tmp_path / "out"
-    assert m["machine"] == "pc-i440fx-10.0" and m["sync_mode"] == "per-round"
+    assert m["machine"] == machine and m["sync_mode"] == sync_mode
     assert [b["name"] for b in m["blocks"]] == ["mem", "/rom@etc/acpi/tables", "pc.bios",
                                                 "pc.rom", "/rom@etc/table-loader",
                                                 "/rom@etc/acpi/rsdp"]
     mem = m["blocks"][0]
-    assert mem["sha256"] == EXPECTED["mem_sha256"]
+    assert mem["sha256"] == expected["mem_sha256"]
     assert hashlib.sha256((out / mem["file"]).read_bytes()).hexdigest() == mem["sha256"]
-    assert (out / "prefix.bin").read_bytes() == MAIN[:27]
+    assert (out / "prefix.bin").read_bytes() == main[:13 + len(machine)]
     tail = (out / "tail.bin").read_bytes()
-    assert tail == MAIN[m["tail"]["offset"]:]
+    assert tail == main[m["tail"]["offset"]:]
     assert json.loads((out / "vmdesc.json").read_bytes())["page_size"] == 4096
-    assert m["switchover_start"] is True and m["return_path"] is False
+    assert m["switchover_start"] is (sync_mode == "per-round") and m["return_path"] is False
     st = m["statistics"]
-    assert st["sync_rounds"] == qs_flushes(MAIN)
+    flushes, ends = sync_points(main)
+    assert st["sync_rounds"] == (flushes if sync_mode == "per-round" else ends) > 0
     assert all(c["sync_packets"] == st["sync_rounds"] for c in st["channels"])
     assert st["normal_pages"] + st["zero_pages"] == 0x4082000 // 4096
 
@@ -117,11 +127,12 @@ def test_one_trailing_sync_per_channel_is_accepted(tmp_path: Path) -> None:
     assert all(c["sync_packets"] == st["sync_rounds"] + 1 for c in st["channels"])
 
 
-def qs_flushes(main: bytes) -> int:
+def sync_points(main: bytes) -> tuple[int, int]:
+    """MULTIFD_FLUSH markers and RAM-section EOS markers in a main stream."""
     r = qs.MainStreamReader()
     r.feed(main)
-    list(r.events())
-    return r.flushes
+    ends = sum(isinstance(ev, qs.Eos) for ev in r.events())
+    return r.flushes, ends
 
 
 def corrupt(data: bytes, at: int, value: bytes) -> bytes:
