@@ -94,6 +94,17 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """Poll ``condition`` until it is true (returned); fail naming ``what`` after
+    ``timeout`` s. For tests that must wait for a state: never sleep, then assert it."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+    return value
+
+
 def system_zlib() -> str:
     """The system's libz.so.1: a real library that is not the one a binding wants, for
     tests of a binding pointed at the wrong library."""

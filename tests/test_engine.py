@@ -16,6 +16,7 @@ from multifd_core.loopback import migrate
 from multifd_core.ram import RamBlock
 from multifd_core.receiver import Receiver
 from multifd_core.registry import default_registry
+from multifd_core.testing import wait_until
 
 PS = 4096
 
@@ -88,8 +89,10 @@ def test_barrier_orders_rounds_under_reordering() -> None:
     rounds: list[int] = []
     main = threading.Thread(target=lambda: rounds.extend([rx.sync_round(), rx.sync_round()]))
     main.start()
-    time.sleep(0.3)  # channel 1's round-1 copy is on the wire first...
-    assert block.pages[5].tobytes() == bytes(PS)  # ...but blocked at its SYNC
+    # Channel 1's round-1 copy is on the wire first, but the channel waits at its SYNC: it
+    # applies nothing past it until round 0 is complete, which needs channel 0's SYNC.
+    wait_until(lambda: rx.stats[1].sync_packets == 1, "channel 1 at its round-0 SYNC")
+    assert rx.stats[1].packets == 0 and block.pages[5].tobytes() == bytes(PS)
     ch0.sendall(_data_packet([5 * PS], 2) + old + wire.encode_sync_packet(5, PS)
                 + wire.encode_sync_packet(6, PS))
     main.join(10)

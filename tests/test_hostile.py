@@ -37,6 +37,7 @@ from multifd_core.ram import RamBlock
 from multifd_core.receiver import Receiver
 from multifd_core.registry import default_registry
 from multifd_core.session import send_session
+from multifd_core.testing import wait_until
 from multifd_core.transport import Address, accept, bound_address, connect, listen
 
 N_PAGES = 16
@@ -347,7 +348,8 @@ def test_stray_channels_mid_session_are_refused_and_the_session_completes(
                 s = socket.create_connection((addr.host, addr.port))
                 s.sendall(init)
                 strays.append(s)
-            time.sleep(0.3)  # let the acceptor see the strays first
+            # The acceptor refuses the three that sent something before channel 1 connects.
+            wait_until(lambda: len(served.session.rejected) >= 3, "the strays refused")
         return real_connect(addr, **kw)
 
     monkeypatch.setattr(session_mod, "connect", connect_with_strays)
@@ -385,10 +387,11 @@ def _finish_raw(sender: RawSender, served: Served) -> None:
 def test_duplicate_channel_id_mid_session_is_refused() -> None:
     served = Served()
     sender = RawSender(served, channels=2, blocks=[("ram", 4 * PS)], connect=1)
-    time.sleep(0.3)  # channel 0 registered
+    receiver = wait_until(lambda: served.session._receiver, "the session's receiver")
+    wait_until(lambda: receiver.connected == 1, "channel 0 registered")
     dup = served.connect()
     dup.sendall(wire.encode_init(UUID, 0))
-    time.sleep(0.3)
+    wait_until(lambda: served.session.rejected, "the duplicate refused")
     sender.connect_channel(served, 1)
     _finish_raw(sender, served)
     assert any("received id '0' already setup" in r for r in served.session.rejected)

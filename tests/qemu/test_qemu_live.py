@@ -18,6 +18,7 @@ from qemu_support import Lab, require_method
 from multifd_core.errors import MultiFDError
 from multifd_core.qemu.replay import load_capture, replay
 from multifd_core.qemu.vm import QemuVM
+from multifd_core.testing import wait_until
 from multifd_core.transport import parse_address
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -187,7 +188,8 @@ def test_capture_source_killed(lab: Lab, start_capture) -> None:
     cap, uri = start_capture(channels=2, timeout=10.0)
     src.set_migration(channels=2, max_bandwidth=8 << 20)  # 8 MiB/s: several seconds
     src.migrate(uri)
-    time.sleep(1.0)
+    wait_until(lambda: cap.cap.receiver and any(s.normal_pages for s in cap.cap.receiver.stats),
+               "the first multifd pages", timeout=30)  # then kill it mid-migration
     src.kill()
     t0 = time.monotonic()
     with pytest.raises(MultiFDError, match="early|EOF|closed"):
