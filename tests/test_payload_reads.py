@@ -14,6 +14,7 @@ from multifd_core import Method, hookimpl, wire
 from multifd_core.errors import MethodError, WireError
 from multifd_core.harness import MethodHarness
 from multifd_core.method import MethodOptions
+from multifd_core.nocomp import NoCompression
 from multifd_core.ram import RamBlock
 from multifd_core.receiver import Receiver
 from multifd_core.registry import default_registry
@@ -21,18 +22,10 @@ from multifd_core.registry import default_registry
 PS = 4096
 
 
-class _Unread(Method):
+class _Unread(NoCompression):
     """Returns from recv without touching the payload."""
 
     name = "unread"
-    code = 0x00
-
-    def max_payload(self, normal_pages: int) -> int:
-        return normal_pages * self.page_size
-
-    @hookimpl
-    def send_prepare(self, channel, packet):
-        return [packet.data()]
 
     @hookimpl
     def recv(self, channel, packet):
