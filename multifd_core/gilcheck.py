@@ -112,7 +112,7 @@ class GilVerdict:
 
 def gil_verdict(make_method: Callable[[], Method], page_size: int = 4096, *,
                 min_runnable: float = 0.9, window: float = 0.1, max_windows: int = 24,
-                error: float = 1e-3, **_ignored: Any) -> GilVerdict:
+                error: float = 1e-3) -> GilVerdict:
     """Whether the codec of ``make_method()`` instances releases the GIL (see the module doc).
 
     ``make_method`` is called four times (a sender and a receiver per channel)."""
@@ -151,9 +151,19 @@ def gil_runnable(make_method: Callable[[], Method], page_size: int = 4096,
     return statistics.median(shares)
 
 
-_libc = ctypes.PyDLL(None)  # PyDLL: these reads keep the GIL (measuring never hands it over)
-_libc.pread.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_long]
-_libc.pread.restype = ctypes.c_ssize_t
+_pread: Any = None
+
+
+def _gil_keeping_pread() -> Any:
+    """libc's ``pread`` through ``ctypes.PyDLL``: the call keeps the GIL, so sampling never
+    hands it to the other channel."""
+    global _pread
+    if _pread is None:
+        fn = ctypes.PyDLL(None).pread
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_long]
+        fn.restype = ctypes.c_ssize_t
+        _pread = fn
+    return _pread
 
 
 class _Schedstat:
@@ -169,10 +179,11 @@ class _Schedstat:
             raise GilCheckUnavailable(f"the GIL check reads {path}, which needs Linux with "
                                       f"schedstat ({exc})") from None
         self.buf = ctypes.create_string_buffer(128)
+        self.pread = _gil_keeping_pread()
 
     def read(self) -> tuple[float, float]:
         """(seconds on a CPU, seconds queued for one)."""
-        n = _libc.pread(self.fd, self.buf, 127, 0)
+        n = self.pread(self.fd, self.buf, 127, 0)
         running, queued, _ = self.buf.raw[:max(n, 0)].split()
         return int(running) / 1e9, int(queued) / 1e9
 
