@@ -184,7 +184,10 @@ class _Schedstat:
     def read(self) -> tuple[float, float]:
         """(seconds on a CPU, seconds queued for one)."""
         n = self.pread(self.fd, self.buf, 127, 0)
-        running, queued, _ = self.buf.raw[:max(n, 0)].split()
+        if n <= 0:
+            raise GilCheckUnavailable(f"reading a channel thread's schedstat failed "
+                                      f"(pread returned {n}): did the thread exit?")
+        running, queued, _ = self.buf.raw[:n].split()
         return int(running) / 1e9, int(queued) / 1e9
 
     def close(self) -> None:
@@ -262,8 +265,8 @@ class _Run:
     def _maybe_sample(self) -> None:
         """Close a window when it is due; whichever thread holds the GIL then does it."""
         now = time.perf_counter()
-        if self.last is not None and now - self.last[0] < self.window:
-            return
+        if self.done.is_set() or (self.last is not None and now - self.last[0] < self.window):
+            return  # after the verdict the other thread may be gone: no more samples
         if not self.sampling.acquire(blocking=False):
             return
         try:
