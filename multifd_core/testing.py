@@ -50,6 +50,7 @@ __all__ = [
     "mixed_pages", "require", "struct_layout_report",
 ]
 
+
 def in_ci() -> bool:
     """``CI`` is set (and not ``0``/``false``): a missing dependency fails instead of skipping."""
     return os.environ.get("CI", "") not in ("", "0", "false")
