@@ -42,6 +42,8 @@ class RamBlock:
         self._owner = buffer
         self._closers: list[Any] = []
         self._fd: int | None = None
+        self._fd_offset = 0  # file offset of the block's first byte (map_region)
+        self._owns_fd = True
 
     @property
     def n_pages(self) -> int:
@@ -62,6 +64,13 @@ class RamBlock:
         for start in range(0, self.used_length, step):
             digest.update(view[start : start + step])
         return digest.hexdigest()
+
+    @property
+    def fd(self) -> int:
+        """The descriptor of a file-backed block (``create_file``, writable ``map_region``)."""
+        if self._fd is None:
+            raise MultiFDError(f"ramblock {self.name} is not file-backed")
+        return self._fd
 
     @property
     def file_backed(self) -> bool:
@@ -98,7 +107,7 @@ class RamBlock:
         starts = [0, *breaks.tolist()]
         ends = [*starts[1:], n]
         for a, b, page in zip(starts, ends, index[starts].tolist(), strict=True):
-            _pwrite_all(self._fd, view[a * ps : b * ps], page * ps)
+            _pwrite_all(self._fd, view[a * ps : b * ps], self._fd_offset + page * ps)
 
     # ------------------------------------------------------------------ constructors
 
@@ -143,6 +152,23 @@ class RamBlock:
         return block
 
     @classmethod
+    def map_region(cls, fd: int, name: str, offset: int, length: int, *,
+                   page_size: int = 4096, writable: bool = False) -> RamBlock:
+        """A block over ``length`` bytes of the open file ``fd`` from ``offset`` (a multiple
+        of the mmap granularity), such as a pages region of a mapped-ram file. A writable one
+        takes ``write_pages`` through the file (pwrite at ``offset``). ``fd`` stays the
+        caller's: it must outlive the block."""
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        buf: Any = mmap.mmap(fd, length, access=access, offset=offset) if length else (
+            bytearray() if writable else b"")
+        block = cls(name, buf, page_size=page_size)
+        if length:
+            block._closers.append(buf)
+        if writable:
+            block._fd, block._fd_offset, block._owns_fd = fd, offset, False
+        return block
+
+    @classmethod
     def zeros(cls, name: str, length: int, *, page_size: int = 4096) -> RamBlock:
         """A zero-filled block in anonymous memory, its own mapping: pages are allocated on
         first write, and ``close`` gives them back to the system at once (a heap allocation
@@ -173,7 +199,8 @@ class RamBlock:
                 pass  # a view still lives; the mapping goes with it
         self._closers.clear()
         if self._fd is not None:
-            os.close(self._fd)
+            if self._owns_fd:
+                os.close(self._fd)
             self._fd = None
 
     def __repr__(self) -> str:

@@ -598,7 +598,7 @@ class MainStreamReader:
 def parse_prologue(raw: bytes) -> Prologue:
     """The prologue of a stream that holds only the header and configuration section (a
     capture's prefix.bin): the section after it is implied, so the subsection list ends."""
-    reader = MainStreamReader()
+    reader = MainStreamReader(file_size=len(raw) + 1)  # a file's or a socket's, alike here
     reader.feed(raw + bytes([EOF]))
     for ev in reader.events():
         if isinstance(ev, Prologue) and len(ev.raw) == len(raw):
