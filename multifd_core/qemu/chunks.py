@@ -67,6 +67,35 @@ def run_chunks(chunks: Iterable[Chunk], work: Callable[[Chunk, memoryview], None
         raise errors[0]
 
 
+class Writeback:
+    """Starts writing the files' dirty pages to disk while the copy runs (``fdatasync`` every
+    ``interval`` seconds on its own thread), so the final ``fsync`` has little left to wait
+    for: the disk works while the CPUs copy and hash."""
+
+    def __init__(self, fds: Sequence[int], *, interval: float = 0.25) -> None:
+        self.fds = list(dict.fromkeys(fds))
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mapped-ram-writeback",
+                                        daemon=True)
+
+    def __enter__(self) -> Writeback:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for fd in self.fds:
+                try:
+                    os.fdatasync(fd)
+                except OSError:
+                    return  # the final fsync reports it
+
+
 class OrderedDigest:
     """sha256 of byte ranges of files, read back in order as the chunks covering them are
     marked done (``done``), on its own thread (``start``/``result``)."""
@@ -79,6 +108,8 @@ class OrderedDigest:
         self.what = what
         self._done = [np.zeros(-(-length // chunk_bytes), dtype=bool)
                       for _, _, length in regions]
+        #: Chunks known to hold only zeros (nothing written): hashed without reading them.
+        self._zero = [np.zeros(len(d), dtype=bool) for d in self._done]
         self._cond = threading.Condition()
         self._stop = False
         self._error: BaseException | None = None
@@ -89,9 +120,11 @@ class OrderedDigest:
         self._thread.start()
         return self
 
-    def done(self, chunk: Chunk) -> None:
+    def done(self, chunk: Chunk, *, zero: bool = False) -> None:
+        """Chunk ``chunk`` is in place (``zero``: nothing was written in it)."""
         with self._cond:
             self._done[chunk.block][chunk.seq] = True
+            self._zero[chunk.block][chunk.seq] = zero
             self._cond.notify()
 
     def all_done(self) -> None:
@@ -118,6 +151,7 @@ class OrderedDigest:
     def _run(self) -> None:
         try:
             buf = memoryview(bytearray(self.chunk_bytes))
+            zeros = memoryview(bytes(self.chunk_bytes))
             for b, (fd, base, length) in enumerate(self.regions):
                 h = hashlib.sha256()
                 for seq in range(len(self._done[b])):
@@ -128,6 +162,9 @@ class OrderedDigest:
                             return
                     start = seq * self.chunk_bytes
                     n = min(self.chunk_bytes, length - start)
+                    if self._zero[b][seq]:
+                        h.update(zeros[:n])
+                        continue
                     read_exact(fd, buf[:n], base + start, self.what(b))
                     h.update(buf[:n])
                 self._digests.append(h.hexdigest())

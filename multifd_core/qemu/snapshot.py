@@ -28,6 +28,7 @@ from multifd_core.qemu.chunks import (
     CHUNK_PAGES,
     Chunk,
     OrderedDigest,
+    Writeback,
     plan_chunks,
     read_exact,
     run_chunks,
@@ -85,10 +86,13 @@ def _nonzero_runs(span: memoryview, n: int, ps: int,
 
 def import_file(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                 threads: int = DEFAULT_THREADS, file_offset: int = 0, page_size: int = 4096,
-                preallocate: bool = True) -> dict[str, Any]:
+                preallocate: bool = False) -> dict[str, Any]:
     """Read the mapped-ram file ``path`` into the capture directory ``out_dir`` (the layout
     and manifest of ``qemu capture``). Each block's sha256 is computed by reading back what was
-    written, in order, while the copy runs; the manifest is written last."""
+    written, in order, while the copy runs; the manifest is written last.
+
+    The block files stay sparse by default (only stored non-zero pages take space, as in the
+    file; pages are written with ``pwrite``, so a full disk is an error, not a SIGBUS)."""
     t0 = time.perf_counter()
     src = open_mapped_ram(path, file_offset=file_offset, page_size=page_size)
     output = FileOutput(out_dir, preallocate=preallocate)
@@ -101,13 +105,14 @@ def import_file(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
                                chunk_bytes=CHUNK_PAGES * page_size,
                                what=lambda i: f"{out_dir}/{output.files[i][1]}").start()
         try:
-            run_chunks(plan_chunks([b.n_pages for b in blocks]),
-                       lambda ch, buf: _import_chunk(src, blocks, ch, buf, stats, digest),
-                       threads=threads, buffer_bytes=CHUNK_PAGES * page_size)
+            with Writeback([b.fd for b in blocks]):
+                run_chunks(plan_chunks([b.n_pages for b in blocks]),
+                           lambda ch, buf: _import_chunk(src, blocks, ch, buf, stats, digest),
+                           threads=threads, buffer_bytes=CHUNK_PAGES * page_size)
+                digests = digest.result()
         except BaseException:
             digest.stop()
             raise
-        digests = digest.result()
         stats.seconds = time.perf_counter() - t0
         manifest = _commit_import(src, output, Path(out_dir), blocks, digests, stats)
         ok = True
@@ -126,6 +131,7 @@ def _import_chunk(src: MappedRamFile, blocks: list[Any], ch: Chunk, buf: memoryv
     ps = src.page_size
     present = src.present(ch.block, ch.first, ch.count)
     idx = np.flatnonzero(present)
+    written = 0
     if len(idx):
         a, b = int(idx[0]), int(idx[-1]) + 1
         span = buf[: (b - a) * ps]
@@ -139,7 +145,7 @@ def _import_chunk(src: MappedRamFile, blocks: list[Any], ch: Chunk, buf: memoryv
             write_all(fd, span[s * ps : e * ps], base + s * ps, blocks[ch.block].name)
         written = int(mask.sum())
         stats.add(len(idx), written, len(idx) - written, written * ps)
-    digest.done(ch)
+    digest.done(ch, zero=not written)
 
 
 def _commit_import(src: MappedRamFile, output: FileOutput, out_dir: Path, blocks: list[Any],
@@ -292,14 +298,16 @@ class MappedRamWriter:
             self._store(ch, span, stats)
 
         try:
-            run_chunks(plan_chunks([b.length // ps for b in self.infos]), work,
-                       threads=threads, buffer_bytes=CHUNK_PAGES * ps)
+            with Writeback([self.fd]):
+                run_chunks(plan_chunks([b.length // ps for b in self.infos]), work,
+                           threads=threads, buffer_bytes=CHUNK_PAGES * ps)
+                digests = digest.result() if digest is not None else []
         except BaseException:
             if digest is not None:
                 digest.stop()
             raise
         if digest is not None and expect is not None:
-            for info, got, want in zip(self.infos, digest.result(), expect, strict=True):
+            for info, got, want in zip(self.infos, digests, expect, strict=True):
                 if got != want:
                     raise MultiFDError(f"ramblock {info.name}: sha256 {got[:16]}... differs "
                                        f"from the manifest's {want[:16]}... (capture damaged)")
