@@ -16,7 +16,13 @@ from multifd_core import __version__
 from multifd_core.errors import MultiFDError
 from multifd_core.ram import RamBlock
 from multifd_core.registry import MethodRegistry, default_registry
-from multifd_core.session import DEFAULT_MAX_RAM, FileOutput, ReceiveSession, send_session
+from multifd_core.session import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_RAM,
+    FileOutput,
+    ReceiveSession,
+    send_session,
+)
 from multifd_core.transport import (
     client_context,
     is_loopback,
@@ -24,6 +30,7 @@ from multifd_core.transport import (
     parse_address,
     server_context,
 )
+from multifd_core.units import parse_size
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -146,21 +153,6 @@ def _server_tls(args: argparse.Namespace) -> Any:
                           verify_peer=args.tls_verify_peer)
 
 
-def parse_size(text: str) -> int:
-    """``1024``, ``64M``, ``1G``, ``1T`` (powers of 1024)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
-    try:
-        value = int(float(t[: len(t) - len(unit)]) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: expected e.g. 512M, 64G, 1T"
-                                         ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
-    return value
-
-
 def cmd_recv(args: argparse.Namespace) -> int:
     addr = parse_address(args.listen)
     if addr.kind == "tcp" and not is_loopback(addr.host) and not args.allow_remote:
@@ -169,8 +161,9 @@ def cmd_recv(args: argparse.Namespace) -> int:
     if not 1 <= args.max_channels <= 255:
         raise MultiFDError(f"--max-channels {args.max_channels} out of range 1..255")
     tls = _server_tls(args)
-    out = FileOutput(args.out, preallocate=not args.sparse)
     listener = listen(addr)
+    out = FileOutput(args.out, preallocate=not args.sparse)
+    out.start()  # an earlier run's manifest.json goes first: this run may fail
     ok = False
 
     def commit(stats: Any) -> None:
@@ -181,6 +174,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         session = ReceiveSession(listener, out.allocate, method=args.compression,
                                  timeout=args.timeout, max_channels=args.max_channels,
                                  max_ram=args.max_ram, tls=tls, on_verified=commit,
+                                 max_memory=args.max_memory, reserve=out.reserve,
                                  engine=args.engine)
         stats = session.serve()
         ok = True
@@ -283,9 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse sessions with more multifd channels")
     r.add_argument("--max-ram", type=parse_size, default=DEFAULT_MAX_RAM, metavar="SIZE",
                    help="refuse sessions declaring more RAM in all (default 1T)")
+    r.add_argument("--max-memory", type=parse_size, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
+                   help="refuse sessions whose receive buffers and decoder state (per channel, "
+                        "times the channels) could exceed this (default 1G)")
     r.add_argument("--sparse", action="store_true",
                    help="keep output files sparse instead of reserving their space up front "
-                        "(a disk that fills up mid-session then kills the receiver)")
+                        "(a disk that fills up mid-session then fails the session)")
     r.add_argument("--keep-partial", action="store_true",
                    help="keep the *.partial files of a failed session")
     r.add_argument("--allow-remote", action="store_true",

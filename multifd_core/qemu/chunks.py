@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from multifd_core.errors import MultiFDError
+from multifd_core.errors import MultiFDError, io_error
 
 #: Pages per chunk: 4 MiB of 4 KiB pages, a multiple of 64 so a chunk owns whole bitmap words.
 CHUNK_PAGES = 1024
@@ -184,10 +184,6 @@ def read_exact(fd: int, buf: memoryview, offset: int, what: str) -> None:
             raise MultiFDError(f"{what} ends early: {offset + got:#x} is past its end "
                                f"({len(buf) - got} bytes missing)")
         got += n
-
-
-def io_error(exc: OSError, what: str) -> MultiFDError:  # TODO(outdir): the lead's io_error
-    return MultiFDError(f"cannot write {what}: {exc.strerror or exc}")
 
 
 def write_all(fd: int, data: memoryview | bytes, offset: int, what: str) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from multifd_core.errors import MultiFDError
+from multifd_core.errors import MultiFDError, io_error
+from multifd_core.outdir import PARTIAL, FileOutput, OutputDir
 from multifd_core.pages import zero_mask
 from multifd_core.qemu import mappedram as mr
 from multifd_core.qemu import stream as qs
@@ -36,7 +37,6 @@ from multifd_core.qemu.chunks import (
 )
 from multifd_core.qemu.mappedfile import MappedRamFile, open_mapped_ram, sync_mode
 from multifd_core.qemu.replay import Capture, load_capture
-from multifd_core.session import FileOutput
 from multifd_core.wire import format_uuid
 
 DEFAULT_THREADS = 4
@@ -98,6 +98,8 @@ def import_file(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     output = FileOutput(out_dir, preallocate=preallocate)
     ok = False
     try:
+        # Sparse block files: at most what the file stores.
+        output.reserve(min(sum(mb.info.length for mb in src.blocks), src.size))
         blocks = [output.allocate(mb.info.name, mb.info.length, page_size)
                   for mb in src.blocks]
         stats = CopyStats()
@@ -114,7 +116,7 @@ def import_file(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
             digest.stop()
             raise
         stats.seconds = time.perf_counter() - t0
-        manifest = _commit_import(src, output, Path(out_dir), blocks, digests, stats)
+        manifest = _commit_import(src, output, blocks, digests, stats)
         ok = True
         return manifest
     finally:
@@ -122,7 +124,7 @@ def import_file(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         if ok:
             output.close()
         else:
-            _discard(output)
+            output.discard()
 
 
 def _import_chunk(src: MappedRamFile, blocks: list[Any], ch: Chunk, buf: memoryview,
@@ -148,12 +150,12 @@ def _import_chunk(src: MappedRamFile, blocks: list[Any], ch: Chunk, buf: memoryv
     digest.done(ch, zero=not written)
 
 
-def _commit_import(src: MappedRamFile, output: FileOutput, out_dir: Path, blocks: list[Any],
+def _commit_import(src: MappedRamFile, output: FileOutput, blocks: list[Any],
                    digests: list[str], stats: CopyStats) -> dict[str, Any]:
     prefix = qs.encode_prologue(src.prologue, src.socket_capabilities)
-    _write_aside(output, PREFIX_FILE, prefix)
-    _write_aside(output, TAIL_FILE, src.tail)
-    _write_aside(output, VMDESC_FILE, src.vmdesc)
+    output.write_aside(PREFIX_FILE, prefix)
+    output.write_aside(TAIL_FILE, src.tail)
+    output.write_aside(VMDESC_FILE, src.vmdesc)
     pro = src.prologue
     extra = {
         "format": MANIFEST_FORMAT,
@@ -187,6 +189,7 @@ def _commit_import(src: MappedRamFile, output: FileOutput, out_dir: Path, blocks
                               for mb in src.blocks]},
         "statistics": stats.as_dict(),
     }
+    # The writeback thread synced the blocks while they were copied; commit's fsync finishes.
     output.commit({b.name: d for b, d in zip(blocks, digests, strict=True)}, extra)
     return {"blocks": [{"name": b.name, "length": b.used_length, "file": f[1], "sha256": d}
                        for b, f, d in zip(blocks, output.files, digests, strict=True)], **extra}
@@ -376,39 +379,37 @@ def load_file_capture(path: str | os.PathLike[str], *, file_offset: int = 0,
 
 
 # --------------------------------------------------------------------------- output files
-# TODO(outdir): through OutputDir once multifd_core/outdir.py is on main.
 
 
 class _PartialFile:
+    """``PATH.partial`` created in ``PATH``'s directory (through ``OutputDir``: never through
+    a link), renamed to ``PATH`` by ``commit`` once durable."""
+
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.partial = path + ".partial"
+        parent, self.name = os.path.split(os.path.abspath(path))
+        self.dir = OutputDir(parent)
+        self.partial = os.path.join(parent, self.name + PARTIAL)
         try:
-            self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as exc:
-            raise MultiFDError(f"cannot create {self.partial}: {exc.strerror}") from None
+            self.fd = self.dir.create(self.name + PARTIAL)
+        except BaseException:
+            self.dir.close()
+            raise
 
     def commit(self) -> None:
-        os.fsync(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise io_error(exc, self.partial) from None
         os.close(self.fd)
         self.fd = -1
-        os.replace(self.partial, self.path)
+        self.dir.rename(self.name + PARTIAL, self.name)
+        self.dir.fsync()
+        self.dir.close()
 
     def discard(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            os.unlink(self.partial)
-
-
-def _write_aside(output: FileOutput, name: str, data: bytes) -> None:
-    (Path(output.out_dir) / name).write_bytes(data)
-
-
-def _discard(output: FileOutput) -> None:
-    output.close()
-    for _, fname, _, _ in output.files:
-        try:
-            os.unlink(Path(output.out_dir) / (fname + ".partial"))
-        except OSError:
-            pass
+        if self.dir.fd >= 0:
+            self.dir.discard(self.name + PARTIAL)
+            self.dir.close()
