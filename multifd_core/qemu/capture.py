@@ -97,10 +97,13 @@ class QemuCapture:
                  timeout: float = 60.0, channel_grace: float = 5.0, page_size: int = 4096,
                  registry: MethodRegistry | None = None,
                  handshake_timeout: float | None = None,
-                 max_memory: int = DEFAULT_MAX_MEMORY) -> None:
+                 max_memory: int = DEFAULT_MAX_MEMORY,
+                 mapped_ram: str | os.PathLike[str] | None = None) -> None:
         if not 1 <= channels <= 255:
             raise CaptureError(f"--channels {channels} out of range 1..255")
         self.out_dir = Path(out_dir)
+        #: Write a mapped-ram file there instead of a capture directory (``--mapped-ram``).
+        self.mapped_ram = mapped_ram
         self.channels = channels
         self.registry = registry or default_registry()
         self.method_name = method
@@ -260,7 +263,8 @@ class QemuCapture:
         """Take one migration; return the manifest (also written to ``manifest.json``)."""
         if self.listener is None:
             self.listen()
-        output = FileOutput(self.out_dir)
+        output: Any = FileOutput(self.out_dir) if self.mapped_ram is None else \
+            _mapped_ram_output(self.mapped_ram)
         output.start()
         self.receiver = Receiver(self.method, channels=self.channels, page_size=self.page_size,
                                  uuid=self.expected_uuid or bytes(16), timeout=self.timeout)
@@ -388,6 +392,9 @@ class QemuCapture:
                         self.stats.ram_sections += 1
                     elif isinstance(ev, qs.MemSize):
                         self._wait_channels()
+                        if self.mapped_ram is not None:  # lay the file out first
+                            output.begin(reader.prologue, reader.ram_section_id, ev.blocks,
+                                         self.page_size)
                         self._allocate(output, ev, blocks)
                         receiver.set_blocks(blocks.values())
                     elif isinstance(ev, qs.Command):
@@ -496,8 +503,18 @@ class QemuCapture:
             "vmdesc": {"file": VMDESC_FILE, "length": len(vmdesc)},
             "statistics": stats,
         }
-        output.commit(digests, extra)
+        where = output.commit(digests, extra)
+        if self.mapped_ram is not None:
+            return {"file": where, "blocks": [{"name": n, "length": b.used_length,
+                                               "sha256": digests[n]} for n, b in blocks.items()],
+                    **extra}
         return json.loads((self.out_dir / "manifest.json").read_text())
+
+
+def _mapped_ram_output(path: str | os.PathLike[str]) -> Any:
+    from multifd_core.qemu.mappedfile import MappedRamOutput
+
+    return MappedRamOutput(path)
 
 
 def _opening_len(head: bytes) -> int:

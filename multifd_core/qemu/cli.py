@@ -37,7 +37,11 @@ def add_qemu_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="the source's multifd-channels (1..255)")
     c.add_argument("--compression", "-c", default="none", metavar="METHOD",
                    help="the source's multifd-compression")
-    c.add_argument("--out", required=True, metavar="DIR")
+    out = c.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", metavar="DIR", help="write a capture directory")
+    out.add_argument("--mapped-ram", metavar="FILE",
+                     help="write a QEMU mapped-ram file instead (restore it with "
+                          "migrate-incoming file:FILE and the mapped-ram capability)")
     c.add_argument("--uuid", type=_uuid, default=None,
                    help="the source's -uuid: channels with another uuid are refused (default: "
                         "the first uuid whose channels all connect is the source's)")
@@ -130,9 +134,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if addr.host not in LOOPBACK and not args.allow_remote:
         raise MultiFDError(f"refusing to listen on {addr.host}: capture listens on loopback "
                            "unless --allow-remote is given")
-    cap = QemuCapture(args.out, channels=args.channels, method=args.compression,
+    target = args.out or args.mapped_ram
+    cap = QemuCapture(args.out or os.path.dirname(os.path.abspath(args.mapped_ram)),
+                      channels=args.channels, method=args.compression,
                       level=args.level, uuid=args.uuid, timeout=args.timeout,
-                      max_memory=args.max_memory)
+                      max_memory=args.max_memory, mapped_ram=args.mapped_ram)
     host, port = cap.listen(addr.host, addr.port)
     print(f"multifd: listening on tcp:{host}:{port}", file=sys.stderr, flush=True)
     manifest = cap.run()
@@ -145,7 +151,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
           f"{sum(b['length'] for b in manifest['blocks']) / 2**20:.1f} MiB RAM, "
           f"{st['normal_pages']} normal + {st['zero_pages']} zero pages, "
           f"{st['sync_rounds']} sync rounds, device state {manifest['tail']['device_bytes']} B, "
-          f"{st['seconds']:.3f} s -> {args.out}")
+          f"{st['seconds']:.3f} s -> {target}")
     return 0
 
 

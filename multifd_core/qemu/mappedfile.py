@@ -1,6 +1,10 @@
-"""Reading a QEMU mapped-ram file (``migrate file:PATH`` with ``mapped-ram``): its main stream
-(parsed by ``MainStreamReader``, jumping over the pages regions), its blocks, their bitmaps and
-pages. Only the stream and one bitmap slice at a time are held in memory.
+"""QEMU mapped-ram files (``migrate file:PATH`` with ``mapped-ram``) on disk.
+
+Reading (``open_mapped_ram``): the main stream, parsed by ``MainStreamReader`` jumping over the
+pages regions, the blocks, their bitmaps a slice at a time and their pages. Writing
+(``MappedRamWriter``): QEMU's layout, pages moved in chunks on N threads with the zero pages
+left out and the bitmap words written per chunk, as ``FILE.partial`` renamed when durable;
+``MappedRamOutput`` lets a live capture write one straight from the channels.
 """
 
 from __future__ import annotations
@@ -8,15 +12,28 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from multifd_core.errors import MultiFDError
+from multifd_core.errors import MultiFDError, io_error
+from multifd_core.outdir import PARTIAL, OutputDir
+from multifd_core.pages import zero_mask
 from multifd_core.qemu import mappedram as mr
 from multifd_core.qemu import stream as qs
-from multifd_core.qemu.chunks import read_exact
+from multifd_core.qemu.chunks import (
+    CHUNK_PAGES,
+    Chunk,
+    OrderedDigest,
+    Writeback,
+    plan_chunks,
+    read_exact,
+    run_chunks,
+    write_all,
+)
 from multifd_core.ram import RamBlock
 
 #: Bytes read from the file per step of the main stream.
@@ -152,3 +169,271 @@ def sync_mode(machine: str) -> str:
     if m and (int(m[1]), int(m[2])) < (8, 1):
         return "per-section"
     return "per-round"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass
+class CopyStats:
+    """What a page copy did: pages stored in the source, non-zero pages written, zero pages
+    left out, bytes written, wall time."""
+
+    seconds: float = 0.0
+    present_pages: int = 0
+    written_pages: int = 0
+    zero_pages: int = 0
+    bytes_written: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, present: int, written: int, zero: int, nbytes: int) -> None:
+        """Count one chunk (called from the copy threads)."""
+        with self._lock:
+            self.present_pages += present
+            self.written_pages += written
+            self.zero_pages += zero
+            self.bytes_written += nbytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in vars(self).items()
+                if not k.startswith("_")}
+
+
+def nonzero_runs(span: memoryview, n: int, ps: int,
+                  keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, mask) of the runs of non-zero pages among the ``n`` pages of ``span``
+    (restricted to ``keep`` when given)."""
+    words = np.frombuffer(span, dtype=np.uint64, count=n * ps // 8).reshape(n, ps // 8)
+    mask = ~zero_mask(words)
+    if keep is not None:
+        mask &= keep
+    starts, ends = mr.page_runs(mask)
+    return starts, ends, mask
+
+
+
+class MappedRamWriter:
+    """A mapped-ram file being written as ``FILE.partial``: the stream pieces, the pages of
+    each block in its region, the bitmaps; ``commit`` makes it durable and renames it."""
+
+    def __init__(self, out_file: str | os.PathLike[str], prologue: bytes, section_id: int,
+                 infos: list[qs.BlockInfo], *, page_size: int, file_offset: int = 0) -> None:
+        """Lay the file out (QEMU's layout) and write the stream up to the last block's
+        header; ``write_trailer`` adds the rest of the stream after the last pages region."""
+        self.path = os.fspath(out_file)
+        self.page_size = page_size
+        self.infos = list(infos)
+        self.layout = qs.mapped_ram_layout(prologue, section_id, self.infos,
+                                           page_size=page_size, file_offset=file_offset)
+        self.size = self.layout.trailer_offset
+        self._out = _PartialFile(self.path)
+        self.fd = self._out.fd
+        try:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError as exc:
+                raise io_error(exc, self._out.partial) from None
+            for offset, data in self.layout.pieces:
+                write_all(self.fd, data, offset, self._out.partial)
+        except BaseException:
+            self._out.discard()
+            raise
+
+    def write_trailer(self, trailer: bytes) -> None:
+        """The stream after the last pages region: EOS, footer, RAM END, device tail."""
+        write_all(self.fd, trailer, self.layout.trailer_offset, self._out.partial)
+        self.size = self.layout.trailer_offset + len(trailer)
+
+    def region(self, index: int) -> tuple[int, int]:
+        """(pages offset, length) of block ``index``."""
+        return self.layout.headers[index].pages_offset, self.infos[index].length
+
+    def copy_from(self, fds: list[int], *, threads: int,
+                  expect: list[str] | None = None) -> CopyStats:
+        """Write the non-zero pages of each block read from ``fds[i]`` (whole block files) and
+        the bitmaps; with ``expect``, check each block's sha256 read alongside."""
+        ps = self.page_size
+        digest = None
+        if expect is not None:
+            digest = OrderedDigest([(fd, 0, b.length) for fd, b in zip(fds, self.infos,
+                                                                       strict=True)],
+                                   chunk_bytes=CHUNK_PAGES * ps,
+                                   what=lambda i: f"ramblock {self.infos[i].name}")
+            digest.all_done()
+            digest.start()
+        stats = CopyStats()
+
+        def work(ch: Chunk, buf: memoryview) -> None:
+            span = buf[: ch.count * ps]
+            read_exact(fds[ch.block], span, ch.first * ps,
+                       f"the file of ramblock {self.infos[ch.block].name}")
+            self._store(ch, span, stats)
+
+        try:
+            with Writeback([self.fd]):
+                run_chunks(plan_chunks([b.length // ps for b in self.infos]), work,
+                           threads=threads, buffer_bytes=CHUNK_PAGES * ps)
+                digests = digest.result() if digest is not None else []
+        except BaseException:
+            if digest is not None:
+                digest.stop()
+            raise
+        if digest is not None and expect is not None:
+            for info, got, want in zip(self.infos, digests, expect, strict=True):
+                if got != want:
+                    raise MultiFDError(f"ramblock {info.name}: sha256 {got[:16]}... differs "
+                                       f"from the manifest's {want[:16]}... (capture damaged)")
+        return stats
+
+    def scan_regions(self, *, threads: int) -> CopyStats:
+        """Write the bitmaps of pages already in place in the regions (a capture that received
+        straight into them): set for each non-zero page."""
+        ps = self.page_size
+        stats = CopyStats()
+
+        def work(ch: Chunk, buf: memoryview) -> None:
+            span = buf[: ch.count * ps]
+            base, _ = self.region(ch.block)
+            read_exact(self.fd, span, base + ch.first * ps, self._out.partial)
+            self._store(ch, span, stats, write_pages=False)
+
+        run_chunks(plan_chunks([b.length // ps for b in self.infos]), work,
+                   threads=threads, buffer_bytes=CHUNK_PAGES * ps)
+        return stats
+
+    def _store(self, ch: Chunk, span: memoryview, stats: CopyStats, *,
+               write_pages: bool = True) -> None:
+        ps = self.page_size
+        starts, ends, mask = nonzero_runs(span, ch.count, ps)
+        base, _ = self.region(ch.block)
+        if write_pages:
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+                write_all(self.fd, span[s * ps : e * ps], base + (ch.first + s) * ps,
+                          self._out.partial)
+        header = self.layout.headers[ch.block]
+        write_all(self.fd, mr.mask_to_bitmap(mask), header.bitmap_offset + ch.first // 8,
+                  self._out.partial)
+        n = int(mask.sum())
+        stats.add(n, n if write_pages else 0, ch.count - n, n * ps if write_pages else 0)
+
+    def commit(self) -> None:
+        self._out.commit()
+
+    def discard(self) -> None:
+        self._out.discard()
+
+
+
+class _PartialFile:
+    """``PATH.partial`` created in ``PATH``'s directory (through ``OutputDir``: never through
+    a link), renamed to ``PATH`` by ``commit`` once durable."""
+
+    def __init__(self, path: str) -> None:
+        parent, self.name = os.path.split(os.path.abspath(path))
+        self.dir = OutputDir(parent)
+        self.partial = os.path.join(parent, self.name + PARTIAL)
+        try:
+            self.fd = self.dir.create(self.name + PARTIAL)
+        except BaseException:
+            self.dir.close()
+            raise
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise io_error(exc, self.partial) from None
+        os.close(self.fd)
+        self.fd = -1
+        self.dir.rename(self.name + PARTIAL, self.name)
+        self.dir.fsync()
+        self.dir.close()
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.dir.fd >= 0:
+            self.dir.discard(self.name + PARTIAL)
+            self.dir.close()
+
+
+class MappedRamOutput:
+    """The output of ``qemu capture --mapped-ram FILE``: the calls a capture makes on
+    ``FileOutput``, answered with a mapped-ram file. ``begin`` (at the block list) lays the
+    file out; each block is then a writable window on its pages region, so the channels write
+    the pages straight to their places; ``commit`` writes the bitmaps (a scan of the regions:
+    set for each non-zero page), the rest of the stream and renames the file into place."""
+
+    def __init__(self, path: str | os.PathLike[str], *, threads: int = 4) -> None:
+        self.path = os.fspath(path)
+        self.threads = threads
+        self.writer: MappedRamWriter | None = None
+        self.blocks: list[RamBlock] = []
+        self._asides: dict[str, int] = {}
+
+    def start(self) -> None:
+        """Nothing to forget: the file appears only at ``commit``."""
+
+    def begin(self, prologue: qs.Prologue, section_id: int,
+              blocks: tuple[qs.BlockInfo, ...], page_size: int) -> None:
+        caps = prologue.capabilities + (() if mr.CAPABILITY in prologue.capabilities
+                                        else (mr.CAPABILITY,))
+        self.writer = MappedRamWriter(self.path, qs.encode_prologue(prologue, caps), section_id,
+                                      list(blocks), page_size=page_size)
+
+    def reserve(self, total: int) -> None:
+        assert self.writer is not None, "begin() first"
+        free = self.writer._out.dir.free_bytes()
+        if free is not None and free < total:
+            raise MultiFDError(f"not enough space for {self.path}: the ramblocks need up to "
+                               f"{total} bytes, {free} are free")
+
+    def allocate(self, name: str, length: int, page_size: int) -> RamBlock:
+        w = self.writer
+        assert w is not None, "begin() first"
+        i = len(self.blocks)
+        if i >= len(w.infos) or w.infos[i].name != name or w.infos[i].length != length:
+            raise MultiFDError(f"ramblock {name} was not in the block list laid out")
+        offset, _ = w.region(i)
+        block = RamBlock.map_region(w.fd, name, offset, length, page_size=page_size,
+                                    writable=True)
+        block.origin = f"{w._out.partial} (ramblock {name})"
+        self.blocks.append(block)
+        return block
+
+    def create_aside(self, name: str) -> int:
+        """An anonymous file for a side stream (the device tail); read back at ``commit``."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self._asides[name] = os.dup(fd)
+        return fd
+
+    def write_aside(self, name: str, data: bytes) -> None:
+        """The prefix and the vmdesc are in the stream already."""
+
+    def commit(self, digests: dict[str, str], extra: dict[str, Any] | None = None,
+               **_: Any) -> str:
+        w = self.writer
+        assert w is not None and extra is not None
+        tail_fd = self._asides["tail.bin"]
+        tail = os.pread(tail_fd, os.fstat(tail_fd).st_size, 0)
+        w.write_trailer(qs.mapped_ram_trailer(int(extra["ram_section_id"]), tail,
+                                              switchover_start=bool(extra["switchover_start"])))
+        with Writeback([w.fd]):
+            w.scan_regions(threads=self.threads)
+        w.commit()
+        return self.path
+
+    def close(self) -> None:
+        for b in self.blocks:
+            b.close()
+        for fd in self._asides.values():
+            os.close(fd)
+        self._asides.clear()
+
+    def discard(self) -> None:
+        self.close()
+        if self.writer is not None:
+            self.writer.discard()

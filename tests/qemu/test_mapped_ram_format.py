@@ -13,8 +13,8 @@ import pytest
 
 from multifd_core.qemu import mappedram as mr
 from multifd_core.qemu import stream as qs
-from multifd_core.qemu.mappedfile import open_mapped_ram, sync_mode
-from multifd_core.qemu.snapshot import MappedRamWriter, import_file
+from multifd_core.qemu.mappedfile import MappedRamWriter, open_mapped_ram, sync_mode
+from multifd_core.qemu.snapshot import import_file
 
 PS = 4096
 PC_BLOCKS = (qs.BlockInfo("mem", 0x4000000), qs.BlockInfo("/rom@etc/acpi/tables", 0x20000),
@@ -121,9 +121,8 @@ def write_file(tmp: Path, *, offset: int = 0, threads: int = 3) -> tuple[Path, l
     prologue = qs.encode_prologue(qs.Prologue("pc-i440fx-10.0", (), None, None, b""),
                                   (mr.CAPABILITY,))
     out = tmp / "vm.mr"
-    writer = MappedRamWriter(out, prologue, 3, infos,
-                             qs.mapped_ram_trailer(3, TAIL, switchover_start=True),
-                             page_size=PS, file_offset=offset)
+    writer = MappedRamWriter(out, prologue, 3, infos, page_size=PS, file_offset=offset)
+    writer.write_trailer(qs.mapped_ram_trailer(3, TAIL, switchover_start=True))
     fds = [os.open(p, os.O_RDONLY) for p in paths]
     try:
         stats = writer.copy_from(fds, threads=threads,
