@@ -21,7 +21,13 @@ from multifd_core.errors import MultiFDError
 from multifd_core.outdir import FileOutput
 from multifd_core.qemu import mappedram as mr
 from multifd_core.qemu import stream as qs
-from multifd_core.qemu.capture import MANIFEST_FORMAT, PREFIX_FILE, TAIL_FILE, VMDESC_FILE
+from multifd_core.qemu.capture import (
+    MANIFEST_FORMAT,
+    PREFIX_FILE,
+    TAIL_FILE,
+    VMDESC_FILE,
+    manifest_fields,
+)
 from multifd_core.qemu.chunks import (
     CHUNK_PAGES,
     Chunk,
@@ -122,38 +128,23 @@ def _commit_import(src: MappedRamFile, output: FileOutput, blocks: list[Any],
     output.write_aside(TAIL_FILE, src.tail)
     output.write_aside(VMDESC_FILE, src.vmdesc)
     pro = src.prologue
-    extra = {
-        "format": MANIFEST_FORMAT,
-        "format_version": 1,
-        "machine": pro.machine,
-        "uuid": format_uuid(pro.uuid or bytes(16)),
-        "configuration": {"capabilities": list(src.socket_capabilities),
-                          "uuid": format_uuid(pro.uuid) if pro.uuid else None,
-                          "target_page_bits": pro.target_page_bits},
-        "method": None,
-        "channels": None,
-        "page_size": src.page_size,
-        "sync_mode": sync_mode(pro.machine),
-        "return_path": False,
-        "switchover_start": src.switchover_start,
-        "zero_page_detection": "mapped-ram",
-        "ram_section_id": src.section_id,
-        "commands": [c.name for c in src.commands],
-        "prefix": {"file": PREFIX_FILE, "length": len(prefix),
-                   "sha256": hashlib.sha256(prefix).hexdigest()},
-        "tail": {"file": TAIL_FILE, "offset": None, "length": len(src.tail),
-                 "sha256": hashlib.sha256(src.tail).hexdigest(),
-                 "device_bytes": len(src.tail) - len(src.vmdesc) - 5},
-        "vmdesc": {"file": VMDESC_FILE, "length": len(src.vmdesc)},
-        "source": {"kind": "mapped-ram", "file": os.path.abspath(src.path),
-                   "file_offset": src.file_offset, "size": src.size,
-                   "capabilities": list(pro.capabilities),
-                   "blocks": [{"name": mb.info.name, "header_offset": mb.header_offset,
-                               "bitmap_offset": mb.header.bitmap_offset,
-                               "pages_offset": mb.header.pages_offset}
-                              for mb in src.blocks]},
-        "statistics": stats.as_dict(),
-    }
+    extra = manifest_fields(
+        pro, prefix, capabilities=src.socket_capabilities, page_size=src.page_size,
+        vmdesc_length=len(src.vmdesc),
+        tail={"offset": None, "length": len(src.tail),
+              "sha256": hashlib.sha256(src.tail).hexdigest(),
+              "device_bytes": len(src.tail) - len(src.vmdesc) - 5},
+        uuid=format_uuid(pro.uuid or bytes(16)), method=None, channels=None,
+        sync_mode=sync_mode(pro.machine), return_path=False,
+        switchover_start=src.switchover_start, zero_page_detection="mapped-ram",
+        ram_section_id=src.section_id, commands=[c.name for c in src.commands],
+        source={"kind": "mapped-ram", "file": os.path.abspath(src.path),
+                "file_offset": src.file_offset, "size": src.size,
+                "capabilities": list(pro.capabilities),
+                "blocks": [{"name": mb.info.name, "header_offset": mb.header_offset,
+                            "bitmap_offset": mb.header.bitmap_offset,
+                            "pages_offset": mb.header.pages_offset} for mb in src.blocks]},
+        statistics=stats.as_dict())
     # The writeback thread synced the blocks while they were copied; commit's fsync finishes.
     output.commit({b.name: d for b, d in zip(blocks, digests, strict=True)}, extra)
     return {"blocks": [{"name": b.name, "length": b.used_length, "file": f[1], "sha256": d}
