@@ -14,7 +14,7 @@ from typing import Any
 
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
-from multifd_core.native import quiet_stderr, software_forced
+from multifd_core.native import hardware_engine_info, quiet_stderr, software_forced
 from multifd_core.wire import PACKET_SIZE
 from multifd_qatzip import _ffi, gzipqz
 
@@ -165,10 +165,8 @@ def engine_infos() -> list[EngineInfo]:
         hardware = _has_device(opened)
         reason = "QAT device found" if hardware else \
             "no QAT device: libqatzip runs its software backup, as QEMU does"
-        if forced:
-            reason = f"forced off by {ENV_ENGINE}=software ({reason})"
-        lib_info = EngineInfo(LIBRARY_ENGINE, "hardware" if hardware else "software",
-                              not forced, reason, opened.path, opened.version)
+        lib_info = hardware_engine_info(LIBRARY_ENGINE, ENV_ENGINE, True, reason, opened,
+                                        kind="hardware" if hardware else "software")
     why = f"forced by {ENV_ENGINE}=software" if forced else \
         ("in use: libqatzip is not loadable" if not lib_info.available else
          "used when libqatzip is absent or on request")
