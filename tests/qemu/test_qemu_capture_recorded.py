@@ -23,6 +23,7 @@ from multifd_core import wire
 from multifd_core.errors import MultiFDError
 from multifd_core.qemu import stream as qs
 from multifd_core.qemu.capture import QemuCapture
+from multifd_core.testing import wait_until
 
 
 def load(name: str) -> tuple[dict, bytes, list[bytes]]:
@@ -262,10 +263,10 @@ def test_a_stray_qevm_after_the_main_channel_is_refused(tmp_path: Path) -> None:
     t.start()
     main = socket.create_connection(("127.0.0.1", port), timeout=10)
     main.sendall(MAIN[:100])
-    time.sleep(0.3)
+    wait_until(lambda: cap._main is not None, "the first QEVM connection taken as main")
     stray = socket.create_connection(("127.0.0.1", port), timeout=10)
     stray.sendall(MAIN[:100])
-    time.sleep(0.3)
+    wait_until(lambda: cap.rejected, "the stray refused")
     main.sendall(MAIN[100:])
     main.shutdown(socket.SHUT_WR)
     play(port, b"", CHANNELS)  # the channels only (an empty "main" connection is closed)
