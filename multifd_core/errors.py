@@ -74,3 +74,7 @@ class IntegrityError(MultiFDError):
 
 class LibraryNotFoundError(MultiFDError):
     """A native library a plugin binds is not installed or not loadable."""
+
+
+class UsageError(MultiFDError):
+    """A command-line value that cannot work (the CLI exits 2, as for argparse's errors)."""

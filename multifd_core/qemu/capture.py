@@ -80,7 +80,8 @@ class QemuCapture:
     def __init__(self, out_dir: str | os.PathLike[str], *, channels: int,
                  method: str = "none", level: int | None = None, uuid: bytes | None = None,
                  timeout: float = 60.0, channel_grace: float = 5.0, page_size: int = 4096,
-                 registry: MethodRegistry | None = None) -> None:
+                 registry: MethodRegistry | None = None,
+                 wait_first: float | None = None) -> None:
         if not 1 <= channels <= 255:
             raise CaptureError(f"--channels {channels} out of range 1..255")
         self.out_dir = Path(out_dir)
@@ -90,6 +91,8 @@ class QemuCapture:
         self.method = self.registry.create(method, MethodOptions(page_size=page_size, level=level))
         self.expected_uuid = uuid
         self.timeout = timeout
+        #: How long to wait for the first connection (``math.inf``: as long as it takes).
+        self.wait_first = timeout if wait_first is None else wait_first
         self.channel_grace = channel_grace
         self.page_size = page_size
         self.listener: socket.socket | None = None
@@ -243,14 +246,18 @@ class QemuCapture:
                         pass
 
     def _wait_main(self) -> socket.socket:
-        deadline = time.monotonic() + self.timeout
+        """``wait_first`` for a first connection, then ``timeout`` from it for the main one."""
+        deadline, limit = time.monotonic() + self.wait_first, self.wait_first
         while True:
             self._check()
             try:
                 return self._main_q.get(timeout=_POLL)
             except queue.Empty:
+                if self._socks and limit == self.wait_first:
+                    deadline = min(deadline, time.monotonic() + self.timeout)
+                    limit = min(limit, self.timeout)
                 if time.monotonic() > deadline:
-                    raise TransportError(f"no main connection (QEVM) within {self.timeout} s; "
+                    raise TransportError(f"no main connection (QEVM) within {limit} s; "
                                          "is the source migrating to this address?") from None
 
     def _wait_channels(self) -> None:

@@ -8,7 +8,7 @@ import sys
 import uuid as uuidlib
 from typing import Any
 
-from multifd_core.errors import MultiFDError
+from multifd_core.errors import MultiFDError, UsageError
 from multifd_core.transport import parse_address
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -26,42 +26,53 @@ def add_qemu_parser(subparsers: Any) -> argparse.ArgumentParser:
     q = subparsers.add_parser("qemu", help="interoperate with a real QEMU 10.0 migration")
     qsub = q.add_subparsers(dest="qemu_command", required=True)
 
+    from multifd_core.cli import add_wait_first, channel_count, seconds
+
     c = qsub.add_parser("capture", help="be the destination of a QEMU multifd migration and "
-                                        "save its RAM blocks and device state")
+                                        "save its RAM blocks and device state",
+                        description="Be the destination of a QEMU 10.0 multifd migration "
+                                    "(the source runs migrate to tcp:HOST:PORT) and save its "
+                                    "RAM blocks, device state and manifest.json in DIR.")
     c.add_argument("--listen", default="tcp:127.0.0.1:4444", metavar="tcp:HOST:PORT",
                    help="address to listen on (host defaults to 127.0.0.1; port 0 picks one)")
-    c.add_argument("--channels", "-n", type=int, default=2,
-                   help="the source's multifd-channels (1..255)")
+    c.add_argument("--channels", "-n", type=channel_count, default=2,
+                   help="the source's multifd-channels, 1..255")
     c.add_argument("--compression", "-c", default="none", metavar="METHOD",
                    help="the source's multifd-compression")
-    c.add_argument("--out", required=True, metavar="DIR")
+    c.add_argument("--out", required=True, metavar="DIR",
+                   help="directory for the capture (required; created)")
     c.add_argument("--uuid", type=_uuid, default=None,
                    help="require this source -uuid in the channel init packets "
                         "(default: accept the first channel's)")
-    c.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds without progress before giving up")
+    c.add_argument("--timeout", type=seconds, default=60.0,
+                   help="seconds without progress before giving up, once the source is in")
+    add_wait_first(c, "the source's main channel")
     c.add_argument("--allow-remote", action="store_true",
                    help="allow listening on a non-loopback address")
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=cmd_capture)
 
     r = qsub.add_parser("replay", help="send a capture to a QEMU destination started with "
-                                       "-incoming")
-    r.add_argument("dir", metavar="DIR")
-    r.add_argument("address", metavar="tcp:HOST:PORT")
-    r.add_argument("--channels", "-n", type=int, default=2,
+                                       "-incoming",
+                        description="Send a capture (made by `multifd qemu capture`) to a "
+                                    "QEMU 10.0 destination started with -incoming.")
+    r.add_argument("dir", metavar="DIR", help="the capture's directory")
+    r.add_argument("address", metavar="tcp:HOST:PORT", help="the destination's -incoming")
+    r.add_argument("--channels", "-n", type=channel_count, default=2,
                    help="the destination's multifd-channels")
     r.add_argument("--compression", "-c", default="none", metavar="METHOD",
                    help="the destination's multifd-compression (any method, whatever the "
                         "capture used)")
-    r.add_argument("--level", type=int, default=None)
+    r.add_argument("--level", type=int, default=None,
+                   help="the method's level (default: the method's default)")
     r.add_argument("--uuid", type=_uuid, default=bytes(16),
                    help="the destination's -uuid (default: none, all zeros)")
     r.add_argument("--switchover-start", choices=("auto", "on", "off"), default="auto",
                    help="send SWITCHOVER_START before RAM END (auto: as captured)")
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
-    r.add_argument("--timeout", type=float, default=60.0)
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--timeout", type=seconds, default=60.0,
+                   help="seconds without progress before giving up")
+    r.add_argument("--json", action="store_true", help="print one JSON summary")
     r.set_defaults(func=cmd_replay)
     return q
 
@@ -69,14 +80,17 @@ def add_qemu_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_capture(args: argparse.Namespace) -> int:
     from multifd_core.qemu.capture import QemuCapture
 
-    addr = parse_address(args.listen)
+    try:
+        addr = parse_address(args.listen)
+    except MultiFDError as exc:
+        raise UsageError(str(exc)) from None
     if addr.kind != "tcp":
-        raise MultiFDError("qemu capture listens on tcp:HOST:PORT only")
+        raise UsageError("qemu capture listens on tcp:HOST:PORT only")
     if addr.host not in LOOPBACK and not args.allow_remote:
-        raise MultiFDError(f"refusing to listen on {addr.host}: capture listens on loopback "
-                           "unless --allow-remote is given")
+        raise UsageError(f"refusing to listen on {addr.host}: capture listens on loopback "
+                         "unless --allow-remote is given")
     cap = QemuCapture(args.out, channels=args.channels, method=args.compression,
-                      uuid=args.uuid, timeout=args.timeout)
+                      uuid=args.uuid, timeout=args.timeout, wait_first=args.wait_first)
     host, port = cap.listen(addr.host, addr.port)
     print(f"multifd: listening on tcp:{host}:{port}", file=sys.stderr, flush=True)
     manifest = cap.run()
@@ -96,9 +110,12 @@ def cmd_capture(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from multifd_core.qemu.replay import load_capture, replay
 
-    addr = parse_address(args.address)
+    try:
+        addr = parse_address(args.address)
+    except MultiFDError as exc:
+        raise UsageError(str(exc)) from None
     if addr.kind != "tcp":
-        raise MultiFDError("qemu replay connects to tcp:HOST:PORT only")
+        raise UsageError("qemu replay connects to tcp:HOST:PORT only")
     capture = load_capture(args.dir, verify=not args.no_verify)
     sw = {"auto": None, "on": True, "off": False}[args.switchover_start]
     try:
