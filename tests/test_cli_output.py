@@ -352,3 +352,26 @@ def test_progress_final_rate_stops_falling(tmp_path: Path) -> None:
     assert p.rate() == (500.0, 1000)
     assert "ETA" not in p.line() and "100.0%" in p.line()
     out.close()
+
+
+# --------------------------------------------------------------------------- MULTIFD_PLUGINS
+
+
+@pytest.mark.parametrize(("send_args", "recv_args", "send_env", "recv_env", "needle"), [
+    (["-c", "zstd"], [], {}, {"MULTIFD_PLUGINS": "-zstd"},
+     "sender requires method zstd, which is installed on the receiver but excluded by "
+     "MULTIFD_PLUGINS there"),
+    ([], ["-c", "zstd"], {"MULTIFD_PLUGINS": "-zstd"}, {},
+     "here method 'zstd' is installed but excluded by MULTIFD_PLUGINS"),
+    ([], ["-c", "zstd"], {}, {"MULTIFD_PLUGINS": "zlib"},
+     "'zstd' (multifd-zstd) is installed but excluded by MULTIFD_PLUGINS='zlib'"),
+], ids=["sender-requires", "receiver-requires-sender-excludes", "receiver-excludes-its-own"])
+def test_exclusions_are_named_on_both_ends(tmp_path: Path, image: Path, send_args: list[str],
+                                           recv_args: list[str], send_env: dict[str, str],
+                                           recv_env: dict[str, str], needle: str) -> None:
+    send, (rc, _, err) = pair(tmp_path, image, send_args, recv_args, send_env, recv_env)
+    assert send.returncode == 1 and rc == 1
+    assert send.stderr.startswith("multifd: error: receiver refused the session: ")
+    assert needle in send.stderr and send.stderr.count("\n") == 1
+    if "here method" not in needle:  # the receiver cannot know what the sender excludes
+        assert needle in err and err.count("\n") == 1
