@@ -95,6 +95,18 @@ def test_stderr_carries_nothing_but_multifd(tmp_path: Path, image: Path, method:
         assert engines["sender"]["engine"] == engines["receiver"]["engine"] == "libqatzip"
 
 
+def test_demo_is_quiet_and_names_the_engines(tmp_path: Path) -> None:
+    """The main job prints its table on stdout and nothing on stderr (qatzip's default engine
+    without a QAT device is ours; before, libqatzip printed a line per call: 1012 lines)."""
+    proc = multifd("demo", "--size-mib", "8", "--methods", "none", "qpl", "qatzip",
+                   timeout=300, MULTIFD_CACHE=str(tmp_path / "cache"))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"none", "qpl", "qatzip"}
+    assert rows["qpl"].endswith("software: isal, native") or "zlib" in rows["qpl"]
+    assert all(" yes " in row for row in rows.values())
+
+
 def test_methods_and_help_are_quiet() -> None:
     for args in (["methods"], ["methods", "--json"], ["--help"], ["send", "--help"]):
         proc = multifd(*args)
