@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from multifd_core import __version__
 from multifd_core.errors import MultiFDError, UsageError
+from multifd_core.units import parse_size
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -107,21 +108,6 @@ def address(text: str) -> Any:
         return parse_address(text)
     except MultiFDError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def parse_size(text: str) -> int:
-    """``1024``, ``64M``, ``1G``, ``1T`` (powers of 1024)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
-    try:
-        value = int(float(t[: len(t) - len(unit)]) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: expected e.g. 512M, 64G, 1T"
-                                         ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
-    return value
 
 
 def add_progress(p: argparse.ArgumentParser) -> None:
@@ -297,8 +283,9 @@ def cmd_recv(args: argparse.Namespace) -> int:
         raise UsageError(f"refusing to listen on {addr.host}: recv listens on loopback unless "
                          "--allow-remote is given")
     tls = _server_tls(args)
-    out = FileOutput(args.out, preallocate=not args.sparse)
     listener = listen(addr)
+    out = FileOutput(args.out, preallocate=not args.sparse)
+    out.start()  # an earlier run's manifest.json goes first: this run may fail
     log.info("listening on %s; waiting for a sender %s", addr,
              "as long as it takes" if math.isinf(args.wait_first)
              else f"up to {args.wait_first:g} s")
@@ -317,6 +304,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         session = ReceiveSession(listener, out.allocate, method=args.compression,
                                  timeout=args.timeout, max_channels=args.max_channels,
                                  max_ram=args.max_ram, tls=tls, on_verified=commit,
+                                 max_memory=args.max_memory, reserve=out.reserve,
                                  engine=args.engine, wait_first=args.wait_first,
                                  on_phase=progress.phase, on_receiver=attach)
         stats = session.serve()
@@ -388,7 +376,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from multifd_core.session import DEFAULT_MAX_RAM
+    from multifd_core.session import DEFAULT_MAX_MEMORY, DEFAULT_MAX_RAM
 
     p = Parser(prog="multifd", description=__doc__, epilog=ENVIRONMENT,
                formatter_class=TopHelpFormatter)
@@ -454,9 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse sessions with more multifd channels")
     r.add_argument("--max-ram", type=parse_size, default=DEFAULT_MAX_RAM, metavar="SIZE",
                    help="refuse sessions declaring more RAM in all (default: 1T)")
+    r.add_argument("--max-memory", type=parse_size, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
+                   help="refuse sessions whose receive buffers and decoder state (per channel, "
+                        "times the channels) could exceed this (default: 1G)")
     r.add_argument("--sparse", action="store_true",
                    help="keep output files sparse instead of reserving their space up front "
-                        "(a disk that fills up mid-session then kills the receiver)")
+                        "(a disk that fills up mid-session then fails the session)")
     r.add_argument("--keep-partial", action="store_true",
                    help="keep the *.partial files of a failed session")
     r.add_argument("--allow-remote", action="store_true",

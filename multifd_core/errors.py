@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -74,6 +75,13 @@ class IntegrityError(MultiFDError):
 
 class LibraryNotFoundError(MultiFDError):
     """A native library a plugin binds is not installed or not loadable."""
+
+
+def io_error(exc: OSError, what: str) -> MultiFDError:
+    """A failed write as one line naming ``what``; a full disk says so plainly."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return MultiFDError(f"no space left on the device while writing {what}")
+    return MultiFDError(f"cannot write {what}: {exc.strerror or exc}")
 
 
 class UsageError(MultiFDError):

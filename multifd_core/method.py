@@ -16,6 +16,8 @@ from multifd_core.hookspecs import hookimpl
 
 #: QEMU's receive buffer for zlib, zstd and qatzip payloads; no method's payload may exceed it.
 MAX_COMPRESSED_PAYLOAD = 1 << 20
+#: Bytes of pages in one full packet (``multifd_core.wire.PACKET_SIZE``).
+PACKET_SIZE = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,15 @@ class Method:
     def max_payload(self, normal_pages: int) -> int:
         """The largest ``next_packet_size`` this method accepts for ``normal_pages`` pages."""
         return MAX_COMPRESSED_PAYLOAD if normal_pages else 0
+
+    def recv_memory(self) -> int:
+        """The most memory one receiving channel of this method holds: the payload buffer,
+        decode buffers and decoder state (windows, native sessions). The receiver checks
+        ``channels x recv_memory()`` against its memory budget before it accepts a session.
+
+        The default assumes a full-size payload buffer and one packet of decoded output;
+        a method whose decoder keeps more (a window larger than a packet) says so here."""
+        return self.max_payload(PACKET_SIZE // self.page_size) + PACKET_SIZE
 
     # The hooks. The defaults do nothing; a method overrides what it needs with @hookimpl.
     @hookimpl

@@ -20,6 +20,9 @@ class NoCompression(Method):
     def max_payload(self, normal_pages: int) -> int:
         return normal_pages * self.page_size
 
+    def recv_memory(self) -> int:
+        return 0  # the payload is received straight into the pages
+
     @hookimpl
     def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[memoryview]:
         return packet.iovecs()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import mmap
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from multifd_core.errors import MultiFDError
+from multifd_core.errors import MultiFDError, io_error
 from multifd_core.wire import RAMBLOCK_NAME_LEN, check_page_size
 
 
@@ -42,6 +45,8 @@ class RamBlock:
         self._owner = buffer
         self._closers: list[Any] = []
         self._fd: int | None = None
+        #: Where the block is stored, for messages (its file's path), if anywhere.
+        self.origin: str | None = None
 
     @property
     def n_pages(self) -> int:
@@ -97,8 +102,25 @@ class RamBlock:
             return
         starts = [0, *breaks.tolist()]
         ends = [*starts[1:], n]
-        for a, b, page in zip(starts, ends, index[starts].tolist(), strict=True):
-            _pwrite_all(self._fd, view[a * ps : b * ps], page * ps)
+        try:
+            for a, b, page in zip(starts, ends, index[starts].tolist(), strict=True):
+                _pwrite_all(self._fd, view[a * ps : b * ps], page * ps)
+        except OSError as exc:
+            raise self.write_error(exc) from None
+
+    def write_error(self, exc: OSError) -> MultiFDError:
+        """A failed store into this block as one line naming its file. A store through the
+        mapping into a sparse file the disk cannot hold fails with EFAULT (SIGBUS outside a
+        system call): that is a full disk too."""
+        where = self.origin or f"ramblock {self.name}"
+        if exc.errno == errno.EFAULT and self._fd is not None:
+            try:
+                st = os.fstatvfs(self._fd)
+                if st.f_bavail * st.f_frsize < 16 * self.page_size:
+                    exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                pass
+        return io_error(exc, where)
 
     # ------------------------------------------------------------------ constructors
 
@@ -127,19 +149,27 @@ class RamBlock:
     @classmethod
     def create_file(cls, path: str | os.PathLike[str], name: str, length: int, *,
                     page_size: int = 4096) -> RamBlock:
-        """A writable block backed by a new sparse file of ``length`` bytes (reads as zero)."""
-        p = Path(path)
-        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        """A writable block backed by a new sparse file of ``length`` bytes (reads as zero).
+
+        ``path`` must not exist (it is created with ``O_EXCL | O_NOFOLLOW``)."""
+        fd = os.open(Path(path), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644)
         try:
-            os.ftruncate(fd, length)
-            buf: Any = mmap.mmap(fd, length, access=mmap.ACCESS_WRITE) if length else bytearray()
-            block = cls(name, buf, page_size=page_size)
+            return cls.from_fd(fd, name, length, page_size=page_size)
         except BaseException:
             os.close(fd)
             raise
-        block._fd = fd  # kept for fsync, which (unlike msync here) runs without the GIL
-        if length:
-            block._closers.append(buf)
+
+    @classmethod
+    def from_fd(cls, fd: int, name: str, length: int, *, page_size: int = 4096) -> RamBlock:
+        """A writable block over the open file ``fd``, sized to ``length`` bytes; the block
+        owns ``fd`` from then on (one descriptor per block: the mapping holds none)."""
+        os.ftruncate(fd, length)
+        mapping = FileMapping(fd, length) if length else None
+        block = cls(name, mapping.buffer if mapping else bytearray(), page_size=page_size)
+        block._fd = fd  # kept for pwrite and fsync, which (unlike msync) run without the GIL
+        if mapping is not None:
+            block._closers.append(mapping)
         return block
 
     @classmethod
@@ -160,12 +190,12 @@ class RamBlock:
             os.fsync(self._fd)
             return
         for c in self._closers:
-            if isinstance(c, mmap.mmap):
-                c.flush()
+            c.flush()
 
     def close(self) -> None:
         """Release the mapping (views of this block must be gone)."""
         self.array = np.zeros(0, dtype=np.uint8)
+        self._owner = None
         for c in self._closers:
             try:
                 c.close()
@@ -178,6 +208,45 @@ class RamBlock:
 
     def __repr__(self) -> str:
         return f"RamBlock({self.name!r}, {self.used_length} bytes, page {self.page_size})"
+
+
+class FileMapping:
+    """A shared read-write mapping of a file, made with the C library's ``mmap``. Python's
+    ``mmap.mmap`` keeps a duplicate of the file's descriptor, so a block would hold two; this
+    holds none (the block keeps the one it writes and syncs through). The mapping is undone
+    when ``buffer`` and every view of it are gone."""
+
+    def __init__(self, fd: int, length: int) -> None:
+        addr = _libc.mmap(None, length, _PROT_RW, _MAP_SHARED, fd, 0)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.addr, self.length = addr, length
+        self.buffer: Any = (ctypes.c_ubyte * length).from_address(addr)
+        # Not at exit: a daemon thread may still be inside a system call on these pages
+        # (the process's end unmaps them anyway).
+        weakref.finalize(self.buffer, _libc.munmap, addr, length).atexit = False
+
+    def flush(self) -> None:
+        if self.buffer is not None and _libc.msync(self.addr, self.length, _MS_SYNC):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def close(self) -> None:
+        """Drop this reference; the memory is unmapped once no view of it is left."""
+        self.buffer = None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_SHARED = mmap.MAP_SHARED
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MS_SYNC = 4
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

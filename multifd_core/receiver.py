@@ -9,6 +9,7 @@ unless ``fresh=False``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
@@ -86,6 +87,8 @@ class Receiver:
         self._finished = False
         self._last_progress = time.monotonic()
         self.rounds = 0
+        self._at_sync: set[int] = set()  # channels waiting at the barrier
+        self._rounds_closed = False
 
     # ------------------------------------------------------------------ set-up
 
@@ -179,30 +182,58 @@ class Receiver:
             self.check()
         self.rounds += 1
         self.touch()
+        self._at_sync.clear()  # every channel is released from this round's SYNC
         for sem in self._release:
             sem.release()
         return max(s.max_packet_num for s in self.stats)
 
     def finish(self, timeout: float | None = None) -> list[ChannelStats]:
-        """Wait until every channel has reached EOF; raise the first channel error."""
+        """Wait until every channel has reached EOF; raise the first channel error.
+
+        ``timeout`` (default: the receiver's) counts seconds in which nothing moved on any
+        channel, so a long transfer is not a stall; when it passes, a ``TransportError`` says
+        what was awaited (channels that never connected, a channel held at a SYNC that no
+        round pairs with, channels that neither sent nor ended)."""
         timeout = self.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.connected < self.channels:
+        while True:
             self.check()
-            if deadline is not None and time.monotonic() > deadline:
-                raise TransportError(
-                    f"only {self.connected} of {self.channels} channels connected")
-            time.sleep(0.05)
-        for t in list(self._threads.values()):
-            while t.is_alive():
-                t.join(_POLL)
-                self.check()
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TransportError(f"timed out after {timeout} s waiting for the channels "
-                                         "to end")
+            self._check_unpaired_sync()
+            alive = [cid for cid, t in list(self._threads.items()) if t.is_alive()]
+            if self.connected == self.channels and not alive:
+                break
+            idle = time.monotonic() - self._last_progress
+            if timeout is not None and idle > timeout:
+                raise TransportError(self._stalled(timeout, alive))
+            if alive:
+                self._threads[alive[0]].join(0.05)
+            else:
+                time.sleep(0.05)
         self.check()
         self._finished = True
         return self.stats
+
+    def _stalled(self, timeout: float, alive: list[int]) -> str:
+        waited = f"waited {timeout} s with nothing moving"
+        if self.connected < self.channels:
+            return (f"{waited} for the multifd channels to connect: {self.connected} of "
+                    f"{self.channels} connected")
+        return (f"{waited} for channel(s) {', '.join(map(str, alive))} to end (no data and no "
+                "end of stream)")
+
+    def close_rounds(self) -> None:
+        """No round follows (the main channel ended its rounds): a channel that sends, or has
+        sent, a SYNC from now on breaks the protocol, and says so at once."""
+        self._rounds_closed = True
+        self._check_unpaired_sync()
+
+    def _check_unpaired_sync(self) -> None:
+        if self._rounds_closed and self._at_sync:
+            cid = min(self._at_sync)
+            self.fail(WireError(
+                "a SYNC after the last round: nothing pairs with it",
+                field="flags", received="SYNC", expected=f"no SYNC after round {self.rounds}",
+                channel=cid))
+            self.check()
 
     def mark_received(self, block_name: str, index: np.ndarray) -> None:
         """Record pages written outside the channels (QEMU's main-channel page records), so a
@@ -211,6 +242,7 @@ class Receiver:
 
     def release_all(self) -> None:
         """Release channels blocked at an unpaired trailing SYNC (QEMU 9.0–9.2 sources)."""
+        self._at_sync.clear()
         for sem in self._release:
             sem.release()
 
@@ -256,7 +288,7 @@ class Receiver:
         plen = ram_packet_len(ps)
         buf = bytearray(plen)
         view = memoryview(buf)
-        payload_buf = bytearray(0)
+        payload = _PayloadBuffer()
         st = self.stats[cid]
         code = self.method.code
         poller = select.poll()
@@ -301,9 +333,7 @@ class Receiver:
                     # A page named twice in one packet is written twice, inside the block:
                     # harmless, so not checked on the hot path.
                     nidx = offsets_to_index(pkt.normal_offsets, ps)
-                    if len(payload_buf) < pkt.next_packet_size:
-                        payload_buf = bytearray(pkt.next_packet_size)
-                    self._decode(sock, ctx, pkt, target, nidx, payload_buf)
+                    self._decode(sock, ctx, pkt, target, nidx, payload)
                     target.received[nidx] = True
                 st.packets += 1
                 st.normal_pages += pkt.normal_pages
@@ -312,6 +342,8 @@ class Receiver:
             self._last_progress = time.monotonic()
             if pkt.is_sync:
                 st.sync_packets += 1
+                self._at_sync.add(cid)
+                self._check_unpaired_sync()
                 self._arrived.release()
                 while not self._release[cid].acquire(timeout=_POLL):
                     if self._error is not None:
@@ -341,13 +373,13 @@ class Receiver:
         self._last_progress = time.monotonic()
 
     def _decode(self, sock: socket.socket, ctx: ChannelContext, pkt: Any, target: _Target,
-                nidx: np.ndarray, payload_buf: bytearray) -> None:
+                nidx: np.ndarray, payload: _PayloadBuffer) -> None:
         ps = self.page_size
         block = target.block
         n = len(nidx)
 
         def read(size: int) -> memoryview:
-            mv = memoryview(payload_buf)[:size]
+            mv = payload.view(size)
             try:
                 recv_into_all(sock, mv, "a packet payload")
             except PeerClosed:
@@ -363,6 +395,10 @@ class Receiver:
             except PeerClosed:
                 raise WireError("multifd: unexpected EOF in packet payload", field="payload",
                                 received="EOF", expected=f"{n * ps} bytes") from None
+            except OSError as exc:
+                if exc.errno == errno.EFAULT:  # a page of a sparse file the disk cannot hold
+                    raise block.write_error(exc) from None
+                raise
 
         def write(data: Any) -> None:
             block.write_pages(nidx, data)
@@ -404,6 +440,21 @@ class Receiver:
             self._wait_blocks()
         t = self._targets.get(name)
         return None if t is None else t.block.used_length
+
+
+class _PayloadBuffer:
+    """A channel's payload buffer, allocated on first use (a method that reads the payload
+    straight into the pages never needs one) and grown to the largest payload read."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray(0)
+
+    def view(self, size: int) -> memoryview:
+        if len(self._buf) < size:
+            self._buf = bytearray(size)
+        return memoryview(self._buf)[:size]
 
 
 def _name(raw: bytes) -> bytes:

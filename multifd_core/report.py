@@ -16,11 +16,11 @@ from typing import Any
 from multifd_core.method import Method
 
 
-def describe(method: Method, *, level: bool = True) -> dict[str, Any]:
-    """The description of the engine ``method`` runs here (``level=False``: a receiver,
-    whose decoding takes no level)."""
+def describe(method: Method) -> dict[str, Any]:
+    """The description of the engine ``method`` runs here (a receiver's method has the
+    sender's level)."""
     info = method.engine_info()
-    return {"method": method.name, "level": method.level if level else None,
+    return {"method": method.name, "level": method.level,
             "engine": info.name, "kind": info.kind, "library": info.library,
             "library_version": info.library_version, "path": info.path or None}
 

@@ -7,9 +7,9 @@ complete only after every block's sha256 matched the sender's.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
+import queue
 import selectors
 import socket
 import ssl
@@ -29,7 +29,9 @@ from multifd_core.errors import (
     TransportError,
     WireError,
 )
+from multifd_core.limits import DEFAULT_MAX_MEMORY, check_receive_memory, ensure_open_files
 from multifd_core.method import Method, MethodOptions
+from multifd_core.outdir import PARTIAL, FileOutput, block_file_name  # noqa: F401 (re-exported)
 from multifd_core.protocol import (
     FRAME_LEN,
     MAX_PROBE_BYTES,
@@ -51,7 +53,7 @@ from multifd_core.registry import MethodRegistry, default_registry
 from multifd_core.report import Phases, describe, log_channels, side_text
 from multifd_core.sender import Sender
 from multifd_core.sockio import PeerClosed, recv_into_all, sendmsg_all
-from multifd_core.transport import Address, ConnectionGate, connect
+from multifd_core.transport import Address, ConnectionGate, Refusals, connect
 from multifd_core.wire import INIT_LEN, decode_init
 from multifd_core.wire import MAGIC as MULTIFD_MAGIC
 
@@ -131,28 +133,65 @@ def _send_msg(sock: socket.socket, kind: Msg, body: dict[str, Any]) -> None:
         raise TransportError(f"main channel: send failed: {exc}") from None
 
 
-def _recv_msg(sock: socket.socket, *, first: bytes = b"") -> tuple[Msg, dict[str, Any]]:
+class DeadlinePassed(TransportError):
+    """A message did not arrive whole by its deadline (a peer trickling bytes)."""
+
+
+def _recv_by(sock: socket.socket, buf: memoryview | bytearray, what: str,
+             deadline: float | None) -> None:
+    """``recv_into_all``, but the whole read must end by ``deadline`` (a peer that trickles
+    a byte at a time cannot stretch it)."""
+    if deadline is None:
+        recv_into_all(sock, buf, what)
+        return
+    view = memoryview(buf).cast("B")
+    got = 0
+    before = sock.gettimeout()
+    try:
+        while got < len(view):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlinePassed(f"{what} not complete by its deadline ({got} of "
+                                     f"{len(view)} bytes arrived)")
+            sock.settimeout(left)
+            try:
+                n = sock.recv_into(view[got:])
+            except TimeoutError:
+                continue
+            if n == 0:
+                raise PeerClosed(f"connection closed after {got} of {len(view)} bytes of "
+                                 f"{what}", at_boundary=got == 0)
+            got += n
+    finally:
+        sock.settimeout(before)
+
+
+def _recv_msg(sock: socket.socket, *, first: bytes = b"",
+              deadline: float | None = None) -> tuple[Msg, dict[str, Any]]:
     """One frame; the body is allocated only after its length passed ``decode_frame``."""
     header = bytearray(FRAME_LEN)
     header[: len(first)] = first
     try:
-        recv_into_all(sock, memoryview(header)[len(first):], "a session message header")
+        _recv_by(sock, memoryview(header)[len(first):], "a session message header", deadline)
         kind, length = decode_frame(header)
         body = bytearray(length)
-        recv_into_all(sock, body, f"a {kind.name} message")
+        _recv_by(sock, body, f"a {kind.name} message", deadline)
         if kind is Msg.PROBE:  # raw filler, counted, never parsed
             return kind, {"bytes": length}
     except PeerClosed as exc:
         raise TransportError(f"main channel closed by the peer ({exc})") from None
     except TimeoutError:
         raise TransportError(f"main channel: no message for {sock.gettimeout()} s") from None
+    except DeadlinePassed:
+        raise
     except OSError as exc:
         raise TransportError(f"main channel: receive failed: {exc}") from None
     return kind, decode_body(bytes(body))
 
 
-def _expect(sock: socket.socket, *kinds: Msg, first: bytes = b"") -> tuple[Msg, dict[str, Any]]:
-    kind, body = _recv_msg(sock, first=first)
+def _expect(sock: socket.socket, *kinds: Msg, first: bytes = b"",
+            deadline: float | None = None) -> tuple[Msg, dict[str, Any]]:
+    kind, body = _recv_msg(sock, first=first, deadline=deadline)
     if kind not in kinds:
         raise WireError("unexpected session message", field="type", received=kind.name,
                         expected=" or ".join(k.name for k in kinds))
@@ -425,7 +464,7 @@ class _EarlyDigest(threading.Thread):
 
     def run(self) -> None:
         try:
-            stats = self.receiver.finish(timeout=float("inf"))  # stalls end it through fail()
+            stats = self.receiver.finish()  # fails after ``timeout`` s with nothing moving
             transfer = time.perf_counter() - self.started
             if self.phases is not None:
                 self.phases.enter("syncing")
@@ -440,6 +479,8 @@ class _EarlyDigest(threading.Thread):
             self._error = exc
 
     def result(self) -> tuple[list[Any], float, dict[str, str]]:
+        """Wait for the digests; the receiver's own deadline (no progress for its timeout)
+        ends the wait, and hashing is bounded by the blocks' size."""
         while self.is_alive():
             self.join(0.2)
             self.receiver.check()
@@ -454,8 +495,11 @@ Allocator = Callable[[str, int, int], RamBlock]
 
 #: Default cap on the RAM a sender may declare (the sum of its blocks' lengths): 1 TiB.
 DEFAULT_MAX_RAM = 1 << 40
-#: Default time a new connection has to finish its TLS handshake and opening bytes.
+#: Default time a new connection has to finish its TLS handshake, opening bytes, link probe
+#: and HELLO, all together.
 HANDSHAKE_TIMEOUT = 10.0
+#: Connections that may be in their handshake at once (each on its own thread).
+MAX_HANDSHAKES = 8
 SESSION_MAGIC = b"MFDS"
 _POLL = 0.2
 
@@ -466,8 +510,10 @@ class ReceiveSession:
 
     Hostile peers: every connection goes through a ``ConnectionGate`` (its own short deadline,
     a bounded number pending), strangers are refused and logged without touching the session,
-    the HELLO is validated with limits (channels, ``max_ram`` bytes of blocks) before anything
-    is allocated, and the output counts only after ``on_verified`` ran on matching digests.
+    the HELLO is validated with limits (channels, ``max_ram`` bytes of blocks, ``max_memory``
+    bytes of receive buffers and decoder state, open files) before anything is allocated, and
+    the output counts only after ``on_verified`` ran on matching digests. ``reserve(total)``,
+    if given, is called with the blocks' total length before the first is allocated.
 
     ``wait_first``: seconds to wait for the sender's main channel (default: ``timeout``;
     ``math.inf``: as long as it takes, as QEMU's ``-incoming``); once it is in, ``timeout``
@@ -481,10 +527,14 @@ class ReceiveSession:
                  fresh: bool = True, max_ram: int = DEFAULT_MAX_RAM,
                  tls: ssl.SSLContext | None = None, handshake_timeout: float | None = None,
                  on_verified: Callable[[SessionStats], None] | None = None,
-                 engine: str | None = None, wait_first: float | None = None,
+                 engine: str | None = None, max_memory: int = DEFAULT_MAX_MEMORY,
+                 reserve: Callable[[int], None] | None = None,
+                 wait_first: float | None = None,
                  on_phase: Callable[[str], None] | None = None,
                  on_receiver: Callable[[Receiver, Hello], None] | None = None) -> None:
         self.listener = listener
+        self.max_memory = max_memory
+        self.reserve = reserve
         self.wait_first = timeout if wait_first is None else wait_first
         self.on_phase, self.on_receiver = on_phase, on_receiver
         self.engine = engine
@@ -502,7 +552,8 @@ class ReceiveSession:
         self.blocks: list[RamBlock] = []
         self.hello: Hello | None = None
         self.method: Method | None = None
-        self.rejected: list[str] = []
+        self._reject = Refusals(log)
+        self.rejected = self._reject.reasons
         self.stats: SessionStats | None = None
         self._receiver: Receiver | None = None
         self._stop = threading.Event()
@@ -511,15 +562,18 @@ class ReceiveSession:
         started = time.perf_counter()
         phases = Phases(log, self.on_phase)
         phases.enter("waiting")
-        main, first = self._accept_main()
+        main, opening = self._accept_main()
+        main.settimeout(self.timeout)
         log.info("main channel from %s", _ends(main).split(" -> ")[-1])
         phases.enter("negotiating")
         acceptor: threading.Thread | None = None
         accepted = False
         try:
             try:
-                hello = parse_hello(self._hello_after_probe(main, first),
-                                    max_channels=self.max_channels, max_total=self.max_ram)
+                if isinstance(opening, BaseException):
+                    raise opening
+                hello = parse_hello(opening, max_channels=self.max_channels,
+                                    max_total=self.max_ram)
                 self.hello = hello
                 if self.forced is not None:
                     self.registry.get(self.forced)
@@ -529,11 +583,11 @@ class ReceiveSession:
                     f"required by this receiver (--compression {name})" if self.forced else
                     f"required by the sender (--compression {name})" if hello.method else
                     "the sender's first offer this receiver can run")
-                method = self.registry.create(name, MethodOptions(page_size=hello.page_size,
-                                                                  engine=self.engine))
+                method = self._create_method(name, hello)
                 self.method = method
-                receiver_side = describe(method, level=False)
+                receiver_side = describe(method)
                 log.info("engine: %s", side_text(receiver_side))
+                self._check_limits(method, hello)
                 self.blocks = self._allocate(hello)
                 receiver = Receiver(method, channels=hello.channels, page_size=hello.page_size,
                                     uuid=hello.uuid, timeout=self.timeout, fresh=self.fresh)
@@ -561,7 +615,8 @@ class ReceiveSession:
             rounds = 0
             while True:
                 self._wait_main(main, receiver)
-                kind, body = _expect(main, Msg.ROUND, Msg.DONE)
+                kind, body = _expect(main, Msg.ROUND, Msg.DONE,
+                                     deadline=time.monotonic() + self.timeout)
                 receiver.touch()
                 if kind is Msg.ROUND:
                     if body.get("round") != rounds:
@@ -572,6 +627,7 @@ class ReceiveSession:
                     rounds += 1
                     continue
                 break
+            receiver.close_rounds()
             theirs = parse_digests(body, [b.name for b in self.blocks])
             sender_side = parse_side(body.get("engine"), "DONE")
             log.info("sender's engine: %s", side_text(sender_side))
@@ -623,10 +679,26 @@ class ReceiveSession:
 
     # ------------------------------------------------------------------ internals
 
+    def _create_method(self, name: str, hello: Hello) -> Method:
+        """The negotiated method, at the sender's level (its decoder may size its state by
+        it: zstd's window)."""
+        levels = self.registry.get(name).cls.levels
+        level = hello.level if hello.level is not None or levels is None else levels.default
+        return self.registry.create(name, MethodOptions(page_size=hello.page_size,
+                                                        engine=self.engine, level=level))
+
+    def _check_limits(self, method: Method, hello: Hello) -> None:
+        """What the peer's numbers would cost, against what the user allowed: receive memory
+        (``max_memory``) and open files (one per block and per channel)."""
+        check_receive_memory(method, hello.channels, self.max_memory)
+        ensure_open_files(len(hello.blocks) + hello.channels, "the session")
+
     def _allocate(self, hello: Hello) -> list[RamBlock]:
         """The destination blocks; allocation failures become one clear error."""
         blocks = []
         total = sum(ln for _, ln in hello.blocks)
+        if self.reserve is not None:
+            self.reserve(total)
         for name, length in hello.blocks:
             try:
                 block = self.allocate(name, length, hello.page_size)
@@ -674,10 +746,13 @@ class ReceiveSession:
         finally:
             sel.close()
 
-    def _hello_after_probe(self, main: socket.socket, first: bytes) -> dict[str, Any]:
+    def _hello_after_probe(self, main: socket.socket, first: bytes,
+                           deadline: float) -> dict[str, Any]:
         """The HELLO body, after answering the sender's link probe if it sends one: raw
-        PROBE frames timed from the first to the last, then PROBE_END (bounded in bytes)."""
-        kind, body = _expect(main, Msg.HELLO, Msg.PROBE, Msg.PROBE_END, first=first)
+        PROBE frames timed from the first to the last, then PROBE_END (bounded in bytes).
+        All of it must arrive by ``deadline``."""
+        kind, body = _expect(main, Msg.HELLO, Msg.PROBE, Msg.PROBE_END, first=first,
+                             deadline=deadline)
         total, frames, start, last = 0, 0, 0.0, 0.0
         while kind is not Msg.HELLO:
             now = time.perf_counter()
@@ -694,30 +769,59 @@ class ReceiveSession:
             else:
                 _send_msg(main, Msg.PROBE_RESULT,
                           {"bytes": max(total, 1), "seconds": max(last - start, 1e-6)})
-            kind, body = _expect(main, Msg.HELLO, Msg.PROBE, Msg.PROBE_END)
+            kind, body = _expect(main, Msg.HELLO, Msg.PROBE, Msg.PROBE_END, deadline=deadline)
         return body
 
-    def _accept_main(self) -> tuple[socket.socket, bytes]:
-        """The first connection that opens with the session magic; others are refused."""
+    def _accept_main(self) -> tuple[socket.socket, dict[str, Any] | BaseException]:
+        """The first connection that ends its pre-session phase (PROBE*, HELLO): with a HELLO
+        body, or with the protocol error it made. Up to ``MAX_HANDSHAKES`` connections may
+        be in that phase at once, each with one deadline (``handshake_timeout``) for all of
+        it, so a silent or trickling peer never holds up a real sender; one that misses its
+        deadline is refused and logged. Connections that open otherwise are refused too."""
         gate = ConnectionGate(self.listener, len(SESSION_MAGIC), reject=self._reject,
                               tls=self.tls, handshake_timeout=self.handshake_timeout)
+        done: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
+        pending: list[socket.socket] = []
         deadline = time.monotonic() + self.wait_first
         try:
             while True:
+                while not done.empty():
+                    sock, outcome = done.get()
+                    pending.remove(sock)
+                    if isinstance(outcome, DeadlinePassed):
+                        self._reject(sock, f"handshake: {outcome}")
+                        continue
+                    return sock, outcome
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 and not pending:
                     raise TransportError(f"no sender connected within {self.wait_first} s")
-                ready = gate.poll(min(remaining, _POLL))
-                for i, (sock, head) in enumerate(ready):
-                    if head == SESSION_MAGIC:
-                        for other, _ in ready[i + 1:]:
-                            self._reject(other, "arrived with the session's main channel")
-                        sock.settimeout(self.timeout)
-                        return sock, head
-                    self._reject(sock, f"connection before the session started (first bytes "
-                                       f"{head.hex()})")
+                for sock, head in gate.poll(min(max(remaining, 0.01), _POLL)):
+                    if head != SESSION_MAGIC:
+                        self._reject(sock, f"connection before the session started (first "
+                                           f"bytes {head.hex()})")
+                    elif len(pending) >= MAX_HANDSHAKES:
+                        self._reject(sock, f"more than {MAX_HANDSHAKES} connections in their "
+                                           "handshake")
+                    else:
+                        pending.append(sock)
+                        threading.Thread(target=self._handshake, args=(sock, head, done),
+                                         name="multifd-handshake", daemon=True).start()
         finally:
             gate.close()
+            for sock in pending:  # their threads end with the socket
+                self._reject(sock, "another sender's session started first")
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _handshake(self, sock: socket.socket, first: bytes,
+                   done: queue.SimpleQueue[tuple[socket.socket, Any]]) -> None:
+        deadline = time.monotonic() + self.handshake_timeout
+        try:
+            done.put((sock, self._hello_after_probe(sock, first, deadline)))
+        except BaseException as exc:  # reported to _accept_main, which decides
+            done.put((sock, exc))
 
     def _accept_channels(self, receiver: Receiver) -> None:
         """Accept until every channel is registered; refuse and log strangers (wrong magic,
@@ -750,129 +854,3 @@ class ReceiveSession:
             receiver.fail(TransportError(f"accepting channels failed: {exc!r}"))
         finally:
             gate.close()
-
-    def _reject(self, sock: socket.socket, why: str) -> None:
-        log.warning("refused a connection: %s", why)
-        if len(self.rejected) < 1000:
-            self.rejected.append(why)
-        try:
-            sock.close()
-        except OSError:
-            pass
-
-
-# --------------------------------------------------------------------------- file output
-
-_SAFE = str.maketrans({c: "_" for c in '/\\:*?"<>| \0'})
-PARTIAL = ".partial"
-
-
-def block_file_name(index: int, name: str) -> str:
-    """A file name for a block: its index and a sanitised name (names may hold '/')."""
-    base = name.translate(_SAFE).strip("._") or "block"
-    return f"{index:03d}-{base[:100]}.ram"
-
-
-class FileOutput:
-    """Writes blocks as files ``NNN-name.ram.partial`` in ``out_dir``; ``commit`` renames
-    them and writes ``manifest.json`` only after the session verified; ``discard`` removes
-    what a failed session left.
-
-    With ``preallocate`` (the default) each file's space is reserved up front
-    (``posix_fallocate``), so a full disk is a clear error at the start instead of a SIGBUS
-    while pages are written through the mapping; ``preallocate=False`` keeps files sparse
-    (zero pages take no space) and only checks the free space up front.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike[str], *, preallocate: bool = True) -> None:
-        self.out_dir = os.fspath(out_dir)
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)
-        except OSError as exc:
-            raise MultiFDError(f"cannot create {self.out_dir}: {exc.strerror}") from None
-        self.preallocate = preallocate
-        self.files: list[tuple[str, str, int, RamBlock]] = []
-
-    def allocate(self, name: str, length: int, page_size: int) -> RamBlock:
-        fname = block_file_name(len(self.files), name)
-        path = os.path.join(self.out_dir, fname + PARTIAL)
-        try:
-            block = RamBlock.create_file(path, name, length, page_size=page_size)
-        except OSError as exc:
-            raise MultiFDError(f"cannot create {path}: {exc.strerror}") from None
-        self.files.append((name, fname, length, block))
-        if length:
-            self._reserve(path, name, length)
-        return block
-
-    def _reserve(self, path: str, name: str, length: int) -> None:
-        free = _free_bytes(self.out_dir)
-        if self.preallocate:
-            fd = os.open(path, os.O_RDWR)
-            try:
-                os.posix_fallocate(fd, 0, length)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise MultiFDError(
-                        f"cannot reserve {length} bytes for ramblock {name} in "
-                        f"{self.out_dir}: {exc.strerror} ({free} bytes free)") from None
-            finally:
-                os.close(fd)
-        if free is not None and free < length:
-            raise MultiFDError(f"not enough space for ramblock {name} in {self.out_dir}: "
-                               f"{length} bytes needed at most, {free} free")
-
-    def commit(self, digests: dict[str, str], extra: dict[str, Any] | None = None) -> str:
-        """Flush, write the manifest aside, then rename the blocks and the manifest into
-        place: a failure before the last rename leaves no ``manifest.json``."""
-        import json
-
-        blocks = []
-        for name, fname, length, block in self.files:
-            block.flush()
-            blocks.append({"name": name, "length": length, "file": fname,
-                           "sha256": digests[name]})
-        manifest = {"blocks": blocks, **(extra or {})}
-        path = os.path.join(self.out_dir, "manifest.json")
-        tmp = path + PARTIAL
-        try:
-            with open(tmp, "w") as f:
-                json.dump(manifest, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            for _, fname, _, _ in self.files:
-                os.replace(os.path.join(self.out_dir, fname + PARTIAL),
-                           os.path.join(self.out_dir, fname))
-            os.replace(tmp, path)
-        except OSError as exc:
-            _unlink(tmp)
-            raise MultiFDError(f"cannot write {path}: {exc.strerror}") from None
-        return path
-
-    def close(self) -> None:
-        for *_, block in self.files:
-            block.close()
-
-    def discard(self) -> None:
-        """Close and remove the partial files of a failed session (never committed ones)."""
-        self.close()
-        for _, fname, _, _ in self.files:
-            _unlink(os.path.join(self.out_dir, fname + PARTIAL))
-        _unlink(os.path.join(self.out_dir, "manifest.json" + PARTIAL))
-
-
-def _free_bytes(path: str) -> int | None:
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

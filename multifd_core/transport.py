@@ -9,6 +9,7 @@ import os
 import selectors
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,12 +68,36 @@ def _tune(sock: socket.socket) -> socket.socket:
     return sock
 
 
+def _remove_stale_socket(path: str) -> None:
+    """Remove ``path`` only if it is a socket nobody listens on (left by a dead process);
+    any other file there is refused, never deleted."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TransportError(f"cannot listen on unix:{path}: a file that is not a socket is "
+                             "there (remove it, or choose another path)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: nobody listens
+        return
+    except OSError:
+        return  # let bind report it
+    finally:
+        probe.close()
+    raise TransportError(f"cannot listen on unix:{path}: another process is listening there")
+
+
 def listen(addr: Address, backlog: int = 260) -> socket.socket:
-    """A listening socket; for unix: a stale socket file is replaced."""
+    """A listening socket; for unix: a stale socket (nobody listening) is replaced, any other
+    file at the path is refused."""
     try:
         if addr.kind == "unix":
-            if os.path.exists(addr.path):
-                os.unlink(addr.path)
+            _remove_stale_socket(addr.path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(addr.path)
         else:
@@ -195,6 +220,24 @@ def _tls_client(sock: socket.socket, ctx: ssl.SSLContext, hostname: str,
 log = logging.getLogger("multifd.transport")
 
 
+class Refusals:
+    """Connections a listener refused: each is closed, logged as a warning on ``logger`` and
+    its reason kept in ``reasons`` (the first 1000), for the caller to report."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.reasons: list[str] = []
+
+    def __call__(self, sock: socket.socket, why: str) -> None:
+        self.logger.warning("refused a connection: %s", why)
+        if len(self.reasons) < 1000:
+            self.reasons.append(why)
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
 @dataclass
 class _Pending:
     sock: socket.socket
@@ -206,6 +249,8 @@ class _Pending:
 class ConnectionGate:
     """Accepts connections and reads each one's first ``prefix_len`` bytes (after a TLS
     handshake when ``tls`` is set) without letting any connection hold up the others.
+    ``prefix_len`` may be a function of the bytes read so far (to read more once the first
+    ones tell what the connection is).
 
     Every pending connection has its own deadline (``handshake_timeout``), at most
     ``max_pending`` are held (the oldest goes first), and nothing is sized from peer data.
@@ -213,7 +258,7 @@ class ConnectionGate:
     ones that delivered their prefix, back in blocking mode.
     """
 
-    def __init__(self, listener: socket.socket, prefix_len: int, *,
+    def __init__(self, listener: socket.socket, prefix_len: int | Callable[[bytes], int], *,
                  reject: Callable[[socket.socket, str], None],
                  tls: ssl.SSLContext | None = None, handshake_timeout: float = 10.0,
                  max_pending: int = 64) -> None:
@@ -237,7 +282,7 @@ class ConnectionGate:
                 self._advance(key.data, ready)
         now = time.monotonic()
         for p in [p for p in self._pending.values() if p.deadline < now]:
-            stage = "TLS handshake" if p.handshaking else f"{self.prefix_len}-byte opening"
+            stage = "TLS handshake" if p.handshaking else f"{self._want(p)}-byte opening"
             self._drop(p, f"no complete {stage} within {self.handshake_timeout} s "
                           f"(got {len(p.buf)} bytes)")
         return ready
@@ -303,16 +348,16 @@ class ConnectionGate:
                     return
                 p.handshaking = False
                 self._sel.modify(sock, selectors.EVENT_READ, p)
-            while len(p.buf) < self.prefix_len:
+            while len(p.buf) < self._want(p):
                 try:
-                    chunk = sock.recv(self.prefix_len - len(p.buf))
+                    chunk = sock.recv(self._want(p) - len(p.buf))
                 except (BlockingIOError, ssl.SSLWantReadError):
                     return
                 except ssl.SSLWantWriteError:
                     self._sel.modify(sock, selectors.EVENT_WRITE, p)
                     return
                 if not chunk:
-                    self._drop(p, f"closed after {len(p.buf)} of {self.prefix_len} opening "
+                    self._drop(p, f"closed after {len(p.buf)} of {self._want(p)} opening "
                                   "bytes")
                     return
                 p.buf += chunk
@@ -321,6 +366,10 @@ class ConnectionGate:
             self._drop(p, f"{what}: {exc}")
             return
         self._deliver(p, ready)
+
+    def _want(self, p: _Pending) -> int:
+        n = self.prefix_len
+        return n if isinstance(n, int) else n(bytes(p.buf))
 
     def _deliver(self, p: _Pending, ready: list[tuple[socket.socket, bytes]]) -> None:
         self._forget(p)

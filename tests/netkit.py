@@ -276,3 +276,39 @@ def assert_no_engine_threads(within: float = 6.0) -> None:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+# --------------------------------------------------------------------------- processes, files
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_line_error(stderr: str, *needles: str) -> None:
+    """A user error: one line, ``multifd: error: ...``, no traceback, holding ``needles``."""
+    err = stderr.strip()
+    assert "Traceback" not in err, err
+    assert err.startswith("multifd: error: ") and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def plant_links(out: Any, names: list[str], victims_dir: Any) -> dict[Any, bytes]:
+    """A symlink in ``out`` at every name in ``names``, each to its own file in
+    ``victims_dir``; returns each victim with its content."""
+    out.mkdir(exist_ok=True)
+    victims = {}
+    for i, name in enumerate(names):
+        victim = victims_dir / f"victim{i}"
+        victim.write_bytes(b"precious %d\n" % i)
+        (out / name).symlink_to(victim)
+        victims[victim] = victim.read_bytes()
+    return victims
+
+
+def assert_untouched(victims: dict[Any, bytes]) -> None:
+    for victim, data in victims.items():
+        assert victim.read_bytes() == data, f"{victim} was written through a planted link"

@@ -42,7 +42,7 @@ def test_describe_names_the_path_an_instance_runs() -> None:
     assert set(fallback) == set(SIDE_KEYS)
     assert fallback["engine"] == "software" and fallback["path"] == "fallback"
     assert "Python per page" in fallback["library_version"]
-    none = describe(registry.create("none"), level=False)
+    none = describe(registry.create("none"))
     assert none == {"method": "none", "level": None, "engine": "software", "kind": "software",
                     "library": None, "library_version": None, "path": "native"}
     assert side_text(none) == "none, engine software (software; native)"

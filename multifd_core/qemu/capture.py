@@ -25,14 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from multifd_core.errors import MultiFDError, TransportError
+from multifd_core.errors import MultiFDError, TransportError, io_error
+from multifd_core.limits import DEFAULT_MAX_MEMORY, check_receive_memory, ensure_open_files
 from multifd_core.method import MethodOptions
+from multifd_core.outdir import PARTIAL, FileOutput, printable
 from multifd_core.qemu import stream as qs
 from multifd_core.ram import RamBlock
 from multifd_core.receiver import Receiver
 from multifd_core.registry import MethodRegistry, default_registry
-from multifd_core.session import PARTIAL, FileOutput
-from multifd_core.wire import InitPacket, format_uuid
+from multifd_core.transport import ConnectionGate, Refusals
+from multifd_core.wire import INIT_LEN, InitPacket, decode_init, format_uuid, validate_init
+from multifd_core.wire import MAGIC as MULTIFD_MAGIC
+from multifd_core.wire import VERSION as MULTIFD_VERSION
 
 log = logging.getLogger("multifd.qemu.capture")
 
@@ -40,6 +44,9 @@ PREFIX_FILE = "prefix.bin"
 TAIL_FILE = "tail.bin"
 VMDESC_FILE = "vmdesc.json"
 MANIFEST_FORMAT = "multifd-qemu-capture"
+QEVM = b"QEVM"
+#: Seconds a new connection has, at most, to send its opening bytes.
+HANDSHAKE_TIMEOUT = 10.0
 _POLL = 0.2
 
 
@@ -75,12 +82,22 @@ class CaptureStats:
 
 
 class QemuCapture:
-    """One capture session. ``listen()`` then ``run()``; ``run`` returns the manifest."""
+    """One capture session. ``listen()`` then ``run()``; ``run`` returns the manifest.
+
+    Connections are judged as QEMU's destination would, except that a stranger never fails
+    the capture: each connection has ``handshake_timeout`` seconds to send its opening bytes
+    (``QEVM``, or a 64-byte multifd init packet); the first ``QEVM`` connection is the main
+    channel; multifd channels are grouped by the uuid of their init packets and the first
+    group that brings every channel id ``0..channels-1`` is the source's (``uuid`` pins it
+    instead). Everything else is refused, logged and listed in ``rejected``.
+    """
 
     def __init__(self, out_dir: str | os.PathLike[str], *, channels: int,
                  method: str = "none", level: int | None = None, uuid: bytes | None = None,
                  timeout: float = 60.0, channel_grace: float = 5.0, page_size: int = 4096,
                  registry: MethodRegistry | None = None,
+                 handshake_timeout: float | None = None,
+                 max_memory: int = DEFAULT_MAX_MEMORY,
                  wait_first: float | None = None) -> None:
         if not 1 <= channels <= 255:
             raise CaptureError(f"--channels {channels} out of range 1..255")
@@ -89,22 +106,28 @@ class QemuCapture:
         self.registry = registry or default_registry()
         self.method_name = method
         self.method = self.registry.create(method, MethodOptions(page_size=page_size, level=level))
+        check_receive_memory(self.method, channels, max_memory)
         self.expected_uuid = uuid
         self.timeout = timeout
         #: How long to wait for the first connection (``math.inf``: as long as it takes).
         self.wait_first = timeout if wait_first is None else wait_first
         self.channel_grace = channel_grace
+        self.handshake_timeout = (min(timeout, HANDSHAKE_TIMEOUT) if handshake_timeout is None
+                                  else handshake_timeout)
         self.page_size = page_size
         self.listener: socket.socket | None = None
         self.receiver: Receiver | None = None
         self.source_uuid: bytes | None = None
         self.stats = CaptureStats()
+        self._reject = Refusals(log)
+        self.rejected = self._reject.reasons
         self._lock = threading.Lock()
-        self._main_q: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self._main_q: queue.SimpleQueue[tuple[socket.socket, bytes]] = queue.SimpleQueue()
         self._main: socket.socket | None = None
+        self._groups: dict[bytes, dict[int, socket.socket]] = {}
+        self._beyond: dict[bytes, InitPacket] = {}  # a channel id >= channels, per uuid
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._socks: list[socket.socket] = []
         self._acceptor: threading.Thread | None = None
 
     # ------------------------------------------------------------------ connections
@@ -121,52 +144,89 @@ class QemuCapture:
 
     def _accept_loop(self) -> None:
         assert self.listener is not None
-        self.listener.settimeout(_POLL)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._socks.append(conn)
-            threading.Thread(target=self._classify, args=(conn,), daemon=True,
-                             name="qemu-capture-classify").start()
-
-    def _classify(self, conn: socket.socket) -> None:
         try:
-            conn.settimeout(self.timeout)
-            try:
-                magic = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
-            except TimeoutError:
-                raise TransportError(f"a connection sent nothing for {self.timeout} s") from None
-            if len(magic) < 4:
-                conn.close()  # a probe that connected and left
-                return
-            if magic == b"QEVM":
-                with self._lock:
-                    if self._main is not None:
-                        raise CaptureError("a second main connection (QEVM) arrived")
-                    self._main = conn
-                self._main_q.put(conn)
-                return
-            receiver = self.receiver
-            assert receiver is not None
-            init = receiver.read_init(conn)
-            self._check_uuid(init)
-            receiver.accept_channel(conn, init)
-        except BaseException as exc:
+            gate = ConnectionGate(self.listener, _opening_len, reject=self._reject,
+                                  handshake_timeout=self.handshake_timeout,
+                                  max_pending=2 * self.channels + 16)
+        except OSError as exc:
+            self._fail(TransportError(f"cannot accept connections: {exc.strerror or exc}"))
+            return
+        try:
+            while not self._stop.is_set():
+                for sock, head in gate.poll(_POLL):
+                    self._classify(sock, head)
+        except MultiFDError as exc:  # the source's own channel breaks a rule
             self._fail(exc)
+        except Exception as exc:  # never leave the session waiting on a dead acceptor
+            self._fail(TransportError(f"accepting connections failed: {exc!r}"))
+        finally:
+            gate.close()
 
-    def _check_uuid(self, init: InitPacket) -> None:
-        """The first channel's UUID is the source's (unless --uuid fixed it); the Receiver
-        then checks every channel against it."""
-        assert self.receiver is not None
-        with self._lock:
-            if self.source_uuid is None:
-                self.source_uuid = init.uuid
-                self.receiver.uuid = init.uuid if self.expected_uuid is None \
-                    else self.expected_uuid
+    def _classify(self, sock: socket.socket, head: bytes) -> None:
+        if head == QEVM:
+            with self._lock:
+                if self._main is not None:
+                    self._reject(sock, "a second main connection (QEVM); the first is kept")
+                    return
+                self._main = sock
+            self._main_q.put((sock, head))
+            return
+        init = decode_init(head)
+        if init.magic != MULTIFD_MAGIC or init.version != MULTIFD_VERSION:
+            self._reject(sock, f"not a QEMU migration connection (first bytes {head[:8].hex()}"
+                               f", expected {QEVM.hex()} or a multifd init packet)")
+            return
+        if self.expected_uuid is not None and init.uuid != self.expected_uuid:
+            self._reject(sock, f"multifd channel with uuid {format_uuid(init.uuid)}, expected "
+                               f"{format_uuid(self.expected_uuid)} (--uuid)")
+            return
+        self._candidate(sock, init)
+
+    def _candidate(self, sock: socket.socket, init: InitPacket) -> None:
+        """Hold a channel in its uuid's group; the first whole group is the source's.
+
+        A channel of the source's uuid that QEMU's destination would refuse (an id beyond
+        ``--channels``, or one already set up) fails the capture with QEMU's message: the
+        source is set up differently from the capture. Other strangers are only refused."""
+        if self.source_uuid is not None:
+            if init.uuid == self.source_uuid:
+                sock.close()
+                validate_init(init, uuid=init.uuid, channels=self.channels,
+                              seen=set(range(self.channels)))
+            self._reject(sock, f"multifd channel {init.channel_id} after all {self.channels} "
+                               "channels of the source connected")
+            return
+        if init.channel_id >= self.channels:
+            self._beyond.setdefault(init.uuid, init)
+            self._reject(sock, f"multifd channel id {init.channel_id}, expected 0.."
+                               f"{self.channels - 1} (--channels {self.channels})")
+            return
+        held = sum(len(g) for g in self._groups.values())
+        if held >= 2 * self.channels + 16:
+            self._reject(sock, f"more than {held} multifd channels waiting for their group")
+            return
+        group = self._groups.setdefault(init.uuid, {})
+        if init.channel_id in group:
+            self._reject(sock, f"multifd channel id {init.channel_id} with uuid "
+                               f"{format_uuid(init.uuid)} already connected")
+            return
+        group[init.channel_id] = sock
+        if len(group) < self.channels:
+            return
+        receiver = self.receiver
+        assert receiver is not None
+        self.source_uuid = receiver.uuid = init.uuid
+        beyond = self._beyond.get(init.uuid)
+        if beyond is not None:
+            validate_init(beyond, uuid=init.uuid, channels=self.channels)
+        for other, socks in self._groups.items():
+            if other != init.uuid:
+                for s in socks.values():
+                    self._reject(s, f"multifd channel with uuid {format_uuid(other)}; the "
+                                    f"source's channels have {format_uuid(init.uuid)}")
+        self._groups.clear()
+        for cid, s in sorted(group.items()):
+            receiver.accept_channel(s, InitPacket(uuid=init.uuid, channel_id=cid))
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -203,11 +263,10 @@ class QemuCapture:
         """Take one migration; return the manifest (also written to ``manifest.json``)."""
         if self.listener is None:
             self.listen()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "manifest.json").unlink(missing_ok=True)
+        output = FileOutput(self.out_dir)
+        output.start()
         self.receiver = Receiver(self.method, channels=self.channels, page_size=self.page_size,
                                  uuid=self.expected_uuid or bytes(16), timeout=self.timeout)
-        output = FileOutput(self.out_dir)
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
                                           name="qemu-capture-accept")
         self._acceptor.start()
@@ -224,36 +283,34 @@ class QemuCapture:
             raise
         finally:
             self._stop.set()
-            if self.listener is not None:
-                self.listener.close()
             if self._acceptor is not None:
                 self._acceptor.join(2)
+            if self.listener is not None:
+                self.listener.close()
             if self.receiver is not None:
                 if not ok:
-                    self.receiver.abort(CaptureError("capture aborted"))
+                    self.receiver.fail(CaptureError("capture aborted"))
                 self.receiver.close()
-            for s in self._socks:
-                try:
+            for group in self._groups.values():
+                for s in group.values():
                     s.close()
-                except OSError:
-                    pass
-            output.close()
-            if not ok:
-                for _, fname, _, _ in output.files:
-                    try:
-                        os.unlink(self.out_dir / (fname + PARTIAL))
-                    except OSError:
-                        pass
+            if self._main is not None:
+                self._main.close()
+            if ok:
+                output.close()
+            else:
+                output.discard()
 
-    def _wait_main(self) -> socket.socket:
-        """``wait_first`` for a first connection, then ``timeout`` from it for the main one."""
+    def _wait_main(self) -> tuple[socket.socket, bytes]:
+        """``wait_first`` for the source's first connection (a multifd channel of a uuid
+        group, or the main one), then ``timeout`` from it for the main one."""
         deadline, limit = time.monotonic() + self.wait_first, self.wait_first
         while True:
             self._check()
             try:
                 return self._main_q.get(timeout=_POLL)
             except queue.Empty:
-                if self._socks and limit == self.wait_first:
+                if any(list(self._groups.values())) and limit == self.wait_first:
                     deadline = min(deadline, time.monotonic() + self.timeout)
                     limit = min(limit, self.timeout)
                 if time.monotonic() > deadline:
@@ -267,20 +324,24 @@ class QemuCapture:
         while self.receiver.connected < self.channels:
             self._check()
             if time.monotonic() > deadline:
+                most = max((len(g) for g in list(self._groups.values())), default=0)
+                refused = (f"; {len(self.rejected)} connection(s) refused, the last: "
+                           f"{self.rejected[-1]}" if self.rejected else "")
                 raise CaptureError(
-                    f"the source opened {self.receiver.connected} multifd channel(s), expected "
-                    f"{self.channels} (--channels must equal the source's multifd-channels)")
+                    f"the source opened {most} multifd channel(s), expected "
+                    f"{self.channels} (--channels must equal the source's multifd-channels)"
+                    f"{refused}")
             time.sleep(0.01)
 
     def _session(self, output: FileOutput) -> dict[str, Any]:
         assert self.receiver is not None
         receiver = self.receiver
-        main = self._wait_main()
+        main, head = self._wait_main()
         t0 = time.perf_counter()
         main.settimeout(_POLL)
         reader = qs.MainStreamReader(page_size=self.page_size)
-        tail_path = self.out_dir / (TAIL_FILE + PARTIAL)
-        tail = bytearray()
+        tail = qs.TailTracker()
+        tail_fd = output.create_aside(TAIL_FILE)
         blocks: dict[str, RamBlock] = {}
         per_section: bool | None = None
         return_path = False
@@ -288,74 +349,86 @@ class QemuCapture:
         switchover = False
         last_data = time.monotonic()
         buf = bytearray(1 << 20)
-        while True:
-            self._check()
-            try:
-                n = main.recv_into(buf)
-            except TimeoutError:
-                if time.monotonic() - last_data > self.timeout:
-                    raise TransportError(f"main stream: no data for {self.timeout} s") from None
-                continue
-            except OSError as exc:
+        chunk: memoryview | None = memoryview(head)  # the opening bytes the gate read
+        try:
+            while True:
                 self._check()
-                raise TransportError(f"main stream: {exc}") from None
-            last_data = time.monotonic()
-            if n == 0:
-                break
-            self.stats.main_bytes += n
-            reader.feed(memoryview(buf)[:n])
-            receiver.touch()
-            for ev in reader.events():
-                if isinstance(ev, qs.TailData):
-                    tail += ev.data
-                    if return_path and not shut_sent and qs.tail_complete(bytes(tail)):
-                        main.sendall(qs.shut(0))
-                        shut_sent = True
-                elif isinstance(ev, qs.RamPage):
-                    _apply_main_page(blocks, ev, self.page_size, self.stats)
-                    receiver.mark_received(ev.block, np.array([ev.offset // self.page_size]))
-                elif isinstance(ev, qs.Flush):
-                    self.stats.flushes += 1
-                    self._sync(receiver)
-                elif isinstance(ev, qs.Eos):
-                    if per_section is None:
-                        per_section = reader.flushes == 0
-                    if per_section:
-                        self._sync(receiver)
-                elif isinstance(ev, qs.SectionHeader):
-                    self.stats.ram_sections += 1
-                elif isinstance(ev, qs.MemSize):
-                    self._wait_channels()
-                    for info in ev.blocks:
-                        if info.length > 1 << 40:
-                            raise CaptureError(f"ramblock {info.name}: length {info.length} "
-                                               "is beyond 1 TiB")
-                        blocks[info.name] = output.allocate(info.name, info.length,
-                                                            self.page_size)
-                    receiver.set_blocks(blocks.values())
-                elif isinstance(ev, qs.Command):
-                    if ev.cmd == qs.CMD_OPEN_RETURN_PATH:
-                        return_path = True
-                    elif ev.cmd == qs.CMD_PING:
-                        if not return_path:
-                            raise CaptureError("PING command before OPEN_RETURN_PATH")
-                        main.sendall(qs.pong(ev.data))
-                    elif ev.cmd == qs.CMD_SWITCHOVER_START:
-                        switchover = True
-        try:
-            reader.close()
-            device, vmdesc = qs.split_tail(bytes(tail))
-        except qs.StreamError as exc:
-            raise CaptureError(f"the source's main stream ended early or badly: {exc}") from None
-        # QEMU always sends the vmdesc in precopy; without it a cut inside the device state
-        # that happens to end on a 00 byte would pass for the EOF marker.
-        if vmdesc is None:
-            raise CaptureError("the source's main stream ended without the vmdesc after the "
-                               "device state (closed early?)")
-        try:
-            json.loads(vmdesc)
-        except ValueError as exc:
-            raise CaptureError(f"the vmdesc JSON does not parse: {exc}") from None
+                if chunk is None:
+                    try:
+                        n = main.recv_into(buf)
+                    except TimeoutError:
+                        if time.monotonic() - last_data > self.timeout:
+                            raise TransportError(f"main stream: no data for {self.timeout} s"
+                                                 ) from None
+                        continue
+                    except OSError as exc:
+                        self._check()
+                        raise TransportError(f"main stream: {exc}") from None
+                    last_data = time.monotonic()
+                    if n == 0:
+                        break
+                    chunk = memoryview(buf)[:n]
+                self.stats.main_bytes += len(chunk)
+                reader.feed(chunk)
+                chunk = None
+                receiver.touch()
+                for ev in reader.events():
+                    if isinstance(ev, qs.TailData):
+                        _write_all(tail_fd, ev.data, TAIL_FILE + PARTIAL)
+                        tail.feed(ev.data)
+                        if return_path and not shut_sent and self._tail_done(tail,
+                                                                              tail_fd):
+                            main.sendall(qs.shut(0))
+                            shut_sent = True
+                    elif isinstance(ev, qs.RamPage):
+                        _apply_main_page(blocks, ev, self.page_size, self.stats)
+                        receiver.mark_received(ev.block,
+                                               np.array([ev.offset // self.page_size]))
+                    elif isinstance(ev, qs.Flush):
+                        self.stats.flushes += 1
+                        receiver.sync_round()
+                    elif isinstance(ev, qs.Eos):
+                        if per_section is None:
+                            per_section = reader.flushes == 0
+                        if per_section:
+                            receiver.sync_round()
+                    elif isinstance(ev, qs.SectionHeader):
+                        self.stats.ram_sections += 1
+                    elif isinstance(ev, qs.MemSize):
+                        self._wait_channels()
+                        self._allocate(output, ev, blocks)
+                        receiver.set_blocks(blocks.values())
+                    elif isinstance(ev, qs.Command):
+                        if ev.cmd == qs.CMD_OPEN_RETURN_PATH:
+                            return_path = True
+                        elif ev.cmd == qs.CMD_PING:
+                            if not return_path:
+                                raise CaptureError("PING command before OPEN_RETURN_PATH")
+                            main.sendall(qs.pong(ev.data))
+                        elif ev.cmd == qs.CMD_SWITCHOVER_START:
+                            switchover = True
+            try:
+                reader.close()
+                device_bytes, vmdesc_at = tail.split()
+            except qs.StreamError as exc:
+                raise CaptureError(f"the source's main stream ended early or badly: {exc}"
+                                   ) from None
+            # QEMU always sends the vmdesc in precopy; without it a cut inside the device
+            # state that happens to end on a 00 byte would pass for the EOF marker.
+            if vmdesc_at is None:
+                raise CaptureError("the source's main stream ended without the vmdesc after the "
+                                   "device state (closed early?)")
+            vmdesc = _pread_all(tail_fd, tail.length - vmdesc_at, vmdesc_at)
+            try:
+                qs.parse_vmdesc(vmdesc)
+            except qs.StreamError as exc:
+                raise CaptureError(str(exc)) from None
+            try:
+                os.fsync(tail_fd)
+            except OSError as exc:
+                raise io_error(exc, str(self.out_dir / (TAIL_FILE + PARTIAL))) from None
+        finally:
+            os.close(tail_fd)
         # A 9.0-9.2 source leaves one unpaired SYNC per channel: release it.
         receiver.release_all()
         receiver.finish()
@@ -364,28 +437,45 @@ class QemuCapture:
         self.stats.channels = [dict(vars(s)) for s in receiver.stats]
         if return_path and not shut_sent:
             raise CaptureError("the return path was opened but the vmdesc never completed")
-        return self._commit(output, reader, blocks, bytes(tail), tail_path, vmdesc,
+        return self._commit(output, reader, blocks, tail, device_bytes, vmdesc,
                             per_section=bool(per_section), return_path=return_path,
                             switchover=switchover)
 
-    def _sync(self, receiver: Receiver) -> None:
-        receiver.sync_round()
+    def _allocate(self, output: FileOutput, ev: qs.MemSize, blocks: dict[str, RamBlock]) -> None:
+        """The output files of the MEM_SIZE list, after checking space and descriptors."""
+        for info in ev.blocks:
+            if info.length > 1 << 40:
+                raise CaptureError(f"ramblock {printable(info.name)}: length {info.length} "
+                                   "is beyond 1 TiB")
+        ensure_open_files(len(ev.blocks) + self.channels, "the capture")
+        output.reserve(sum(info.length for info in ev.blocks))
+        for info in ev.blocks:
+            blocks[info.name] = output.allocate(info.name, info.length, self.page_size)
+
+    @staticmethod
+    def _tail_done(tail: qs.TailTracker, fd: int) -> bool:
+        """Whether the tail ends with a whole vmdesc that parses (the return path then
+        owes the source its SHUT)."""
+        if not tail.complete():
+            return False
+        _, at = tail.split()
+        assert at is not None
+        try:
+            qs.parse_vmdesc(_pread_all(fd, tail.length - at, at))
+        except qs.StreamError:
+            return False
+        return True
 
     # ------------------------------------------------------------------ output
 
     def _commit(self, output: FileOutput, reader: qs.MainStreamReader,
-                blocks: dict[str, RamBlock], tail: bytes, tail_path: Path,
-                vmdesc: bytes | None, *, per_section: bool, return_path: bool,
+                blocks: dict[str, RamBlock], tail: qs.TailTracker, device_bytes: int,
+                vmdesc: bytes, *, per_section: bool, return_path: bool,
                 switchover: bool) -> dict[str, Any]:
         pro = reader.prologue
         assert pro is not None and reader.tail_offset is not None
-        (self.out_dir / PREFIX_FILE).write_bytes(pro.raw)
-        tail_path.write_bytes(tail)
-        os.replace(tail_path, self.out_dir / TAIL_FILE)
-        if vmdesc is not None:
-            (self.out_dir / VMDESC_FILE).write_bytes(vmdesc)
-        else:
-            (self.out_dir / VMDESC_FILE).unlink(missing_ok=True)
+        output.write_aside(PREFIX_FILE, pro.raw)
+        output.write_aside(VMDESC_FILE, vmdesc)
         digests = {name: b.sha256() for name, b in blocks.items()}
         stats = self.stats.as_dict()
         zpd = "legacy" if self.stats.main_zero_pages else (
@@ -409,14 +499,38 @@ class QemuCapture:
             "commands": [c.name for c in reader.commands],
             "prefix": {"file": PREFIX_FILE, "length": len(pro.raw),
                        "sha256": hashlib.sha256(pro.raw).hexdigest()},
-            "tail": {"file": TAIL_FILE, "offset": reader.tail_offset, "length": len(tail),
-                     "sha256": hashlib.sha256(tail).hexdigest(),
-                     "device_bytes": len(tail) - (len(vmdesc) + 5 if vmdesc is not None else 0)},
-            "vmdesc": None if vmdesc is None else {"file": VMDESC_FILE, "length": len(vmdesc)},
+            "tail": {"file": TAIL_FILE, "offset": reader.tail_offset, "length": tail.length,
+                     "sha256": tail.sha256, "device_bytes": device_bytes},
+            "vmdesc": {"file": VMDESC_FILE, "length": len(vmdesc)},
             "statistics": stats,
         }
         output.commit(digests, extra)
         return json.loads((self.out_dir / "manifest.json").read_text())
+
+
+def _opening_len(head: bytes) -> int:
+    """Bytes a capture connection must send before it is judged: ``QEVM`` is enough for the
+    main channel; a multifd channel sends its whole init packet."""
+    return len(QEVM) if len(head) < len(QEVM) or head[:4] == QEVM else INIT_LEN
+
+
+def _write_all(fd: int, data: bytes, what: str) -> None:
+    view = memoryview(data)
+    try:
+        while len(view):
+            view = view[os.write(fd, view):]
+    except OSError as exc:
+        raise io_error(exc, what) from None
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        chunk = os.pread(fd, size - len(out), offset + len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 def _apply_main_page(blocks: dict[str, RamBlock], ev: qs.RamPage, page_size: int,

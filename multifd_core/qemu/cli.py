@@ -9,7 +9,9 @@ import uuid as uuidlib
 from typing import Any
 
 from multifd_core.errors import MultiFDError, UsageError
+from multifd_core.limits import DEFAULT_MAX_MEMORY
 from multifd_core.transport import parse_address
+from multifd_core.units import parse_size
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -42,11 +44,17 @@ def add_qemu_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, metavar="DIR",
                    help="directory for the capture (required; created)")
     c.add_argument("--uuid", type=_uuid, default=None,
-                   help="require this source -uuid in the channel init packets "
-                        "(default: accept the first channel's)")
+                   help="the source's -uuid: channels with another uuid are refused (default: "
+                        "the first uuid whose channels all connect is the source's)")
+    c.add_argument("--level", type=int, default=None,
+                   help="the source's multifd-zstd-level/zlib-level, if known (zstd then "
+                        "accepts only that level's window; default: any QEMU level's)")
+    c.add_argument("--max-memory", type=parse_size, default=DEFAULT_MAX_MEMORY,
+                   metavar="SIZE", help="refuse to start if the channels' receive buffers and "
+                                        "decoder state could exceed this (default: 1G)")
     c.add_argument("--timeout", type=seconds, default=60.0,
                    help="seconds without progress before giving up, once the source is in")
-    add_wait_first(c, "the source's main channel")
+    add_wait_first(c, "the source's first connection")
     c.add_argument("--allow-remote", action="store_true",
                    help="allow listening on a non-loopback address")
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -90,7 +98,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         raise UsageError(f"refusing to listen on {addr.host}: capture listens on loopback "
                          "unless --allow-remote is given")
     cap = QemuCapture(args.out, channels=args.channels, method=args.compression,
-                      uuid=args.uuid, timeout=args.timeout, wait_first=args.wait_first)
+                      level=args.level, uuid=args.uuid, timeout=args.timeout,
+                      max_memory=args.max_memory, wait_first=args.wait_first)
     host, port = cap.listen(addr.host, addr.port)
     print(f"multifd: listening on tcp:{host}:{port}", file=sys.stderr, flush=True)
     manifest = cap.run()

@@ -10,10 +10,12 @@ Every integer is big-endian.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from multifd_core.errors import MultiFDError
 
@@ -63,6 +65,9 @@ _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _CMD = struct.Struct(">BHH")
+
+#: The most ramblocks a MEM_SIZE record may list (a real guest has a few dozen).
+MAX_RAM_BLOCKS = 1024
 
 #: Configuration subsections this reader understands (all version 1).
 CONFIG_SUBSECTIONS = ("configuration/target-page-bits", "configuration/capabilities",
@@ -483,8 +488,11 @@ class MainStreamReader:
     def _mem_size(self, total: int, start: int) -> MemSize:
         with_addr = "x-ignore-shared" in (self.prologue.capabilities if self.prologue else ())
         blocks: list[BlockInfo] = []
+        names: set[str] = set()
         seen = 0
         while seen < total:
+            if len(blocks) >= MAX_RAM_BLOCKS:
+                raise self._error(f"MEM_SIZE lists more than {MAX_RAM_BLOCKS} ramblocks", start)
             name = self._str8()
             if not name:
                 raise self._error('Unknown ramblock "" in the MEM_SIZE list (total '
@@ -494,8 +502,9 @@ class MainStreamReader:
             if length % self.page_size:
                 raise self._error(f"ramblock {name} length {length:#x} is not a multiple of "
                                   f"the page size", start)
-            if any(b.name == name for b in blocks):
+            if name in names:
                 raise self._error(f"ramblock {name} listed twice", start)
+            names.add(name)
             blocks.append(BlockInfo(name, length, None, addr))
             seen += length
         if seen != total:
@@ -543,6 +552,81 @@ def split_tail(tail: bytes) -> tuple[bytes, bytes | None]:
                       "nothing or by a whole vmdesc (06, be32 length, JSON)")
 
 
+#: The largest vmdesc a capture takes (QEMU's are a few hundred KiB).
+MAX_VMDESC = 64 << 20
+
+
+class TailTracker:
+    """Follows a device tail as it streams past, holding a few bytes of it, not the tail:
+    its length, sha256, and the 11 bytes around its last NUL, where the EOF marker and the
+    vmdesc header must be (the JSON after them holds no NUL)."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self._sha = hashlib.sha256()
+        self._last5 = b""  # the tail's last 5 bytes so far
+        self._window = bytearray()  # tail[_window_at : _window_at + 11]
+        self._window_at = -1
+        self.last_byte = -1
+
+    def feed(self, data: bytes | memoryview) -> None:
+        data = bytes(data)
+        if not data:
+            return
+        self._sha.update(data)
+        i = data.rfind(b"\0")
+        if i >= 0:
+            joined = self._last5 + data
+            at = len(self._last5) + i - 5  # 5 bytes before the NUL, in ``joined``
+            start = max(at, 0)
+            self._window = bytearray(joined[start : start + 11])
+            self._window_at = self.length - len(self._last5) + start
+        elif self._window_at >= 0 and len(self._window) < 11:
+            self._window += data[: 11 - len(self._window)]
+        self.length += len(data)
+        self._last5 = (self._last5 + data)[-5:]
+        self.last_byte = data[-1]
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def split(self) -> tuple[int, int | None]:
+        """(length of the device sections + EOF byte, offset of the vmdesc JSON or None)."""
+        if self.last_byte == EOF:
+            return self.length, None
+        w, base = self._window, self._window_at
+        for j in range(len(w)):
+            k = base + j
+            if w[j] == EOF and j + 6 <= len(w) and w[j + 1] == VMDESCRIPTION:
+                (n,) = _BE32.unpack_from(w, j + 2)
+                if n == self.length - k - 6:
+                    if n > MAX_VMDESC:
+                        raise StreamError(f"vmdesc of {n} bytes, at most {MAX_VMDESC} taken")
+                    return k + 1, k + 6
+        raise StreamError("the device tail does not end with the EOF marker (00) followed by "
+                          "nothing or by a whole vmdesc (06, be32 length, JSON)")
+
+    def complete(self) -> bool:
+        """Whether the tail so far ends with EOF + a vmdesc of the announced length."""
+        if self.last_byte != ord("}"):
+            return False
+        try:
+            return self.split()[1] is not None
+        except StreamError:
+            return False
+
+
+def parse_vmdesc(raw: bytes) -> Any:
+    """The vmdesc JSON, parsed; a ``StreamError`` names what is wrong with it."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise StreamError("the vmdesc JSON is nested too deeply to parse") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StreamError(f"the vmdesc JSON does not parse: {exc}") from None
+
+
 def tail_complete(tail: bytes) -> bool:
     """Whether ``tail`` ends with EOF + a whole, parseable vmdesc (for the return path, where
     the source waits for SHUT before closing)."""
@@ -552,8 +636,8 @@ def tail_complete(tail: bytes) -> bool:
         _, desc = split_tail(tail)
         if desc is None:
             return False
-        json.loads(desc)
-    except (StreamError, ValueError):
+        parse_vmdesc(desc)
+    except StreamError:
         return False
     return True
 

@@ -9,16 +9,22 @@ import json
 import socket
 import threading
 import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from netkit import assert_untouched, plant_links
 from qemu_support import DATA, read_vector, require_method
 
+from multifd_core import wire
 from multifd_core.errors import MultiFDError
 from multifd_core.qemu import stream as qs
 from multifd_core.qemu.capture import QemuCapture
 
 NAME = "pc-10.0-sparse"
+PS = 4096
 EXPECTED = json.loads((DATA / f"{NAME}.json").read_text())
 MAIN = read_vector(f"{NAME}.main.gz")
 CHANNELS = [read_vector(f"{NAME}.ch{i}.gz") for i in range(EXPECTED["channels"])]
@@ -59,11 +65,24 @@ def play(port: int, main: bytes, channels: list[bytes], *, main_last: bool = Fal
 
 
 def capture(tmp_path: Path, main: bytes = MAIN, streams: list[bytes] | None = None, *,
-            main_last: bool = False, **kw) -> dict:
+            main_last: bool = False, strangers: list[bytes | None] = (),
+            before_play: Callable[[QemuCapture], bool] | None = None,
+            cap_out: list[QemuCapture] | None = None, **kw) -> dict:
+    """Capture the recorded migration. ``strangers`` connect first (None: a connection that
+    sends nothing) and stay open until the capture ended; the source starts once
+    ``before_play(capture)`` is true."""
     kw.setdefault("channels", len(CHANNELS if streams is None else streams))
     kw.setdefault("timeout", 10.0)
     cap = QemuCapture(tmp_path / "out", **kw)
+    if cap_out is not None:
+        cap_out.append(cap)
     _, port = cap.listen("127.0.0.1", 0)
+    held = []
+    for data in strangers:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if data:
+            s.sendall(data)
+        held.append(s)
     result: dict = {}
 
     def run() -> None:
@@ -74,8 +93,14 @@ def capture(tmp_path: Path, main: bytes = MAIN, streams: list[bytes] | None = No
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
+    deadline = time.monotonic() + 20
+    while before_play is not None and not before_play(cap):
+        assert time.monotonic() < deadline, "before_play never became true"
+        time.sleep(0.02)
     play(port, main, CHANNELS if streams is None else streams, main_last=main_last)
     t.join(30)
+    for s in held:
+        s.close()
     assert not t.is_alive(), "capture hung"
     if "error" in result:
         assert not (tmp_path / "out" / "manifest.json").exists()
@@ -150,8 +175,11 @@ def test_source_closes_main_early(tmp_path: Path, cut: int, match: str) -> None:
 
 
 def test_wrong_uuid(tmp_path: Path) -> None:
-    with pytest.raises(MultiFDError, match="received uuid '00000000-.*expected uuid '11111111"):
-        capture(tmp_path, uuid=bytes.fromhex("11" * 16))
+    """Channels of another uuid than --uuid are strangers: refused, and the capture says so
+    when the source's own channels never come."""
+    with pytest.raises(MultiFDError, match="opened 0 multifd channel.*refused.*uuid "
+                       "00000000-.*expected 11111111-.*--uuid"):
+        capture(tmp_path, uuid=bytes.fromhex("11" * 16), channel_grace=1.0)
 
 
 def test_fewer_channels_than_expected(tmp_path: Path) -> None:
@@ -168,3 +196,133 @@ def test_wrong_method(tmp_path: Path) -> None:
     require_method("zlib")
     with pytest.raises(MultiFDError, match="flags received 0 flags expected 2"):
         capture(tmp_path, method="zlib")
+
+
+# --------------------------------------------------------------------------- Reliability II
+
+
+def stranger_init(uuid: bytes, cid: int) -> bytes:
+    return wire.encode_init(uuid, cid)
+
+
+def test_strangers_do_not_break_a_capture(tmp_path: Path) -> None:
+    """An idle connection, garbage, a short opening, a stranger's whole set of channels with
+    another uuid (connected before the source's) and a second QEVM stream: each is refused
+    and logged, and the capture of the source's migration completes."""
+    other = bytes.fromhex("ab" * 16)
+    caps: list[QemuCapture] = []
+    def all_refused(cap: QemuCapture) -> bool:
+        return len(cap.rejected) >= 4  # the idle and short ones at their deadline too
+
+    m = capture(tmp_path, cap_out=caps, handshake_timeout=0.5, before_play=all_refused, strangers=[
+        None,
+        b"GET / HTTP/1.0\r\n\r\n" + b"x" * 64,
+        b"\x11\x22",
+        stranger_init(other, 0),
+        stranger_init(other, 5),
+    ])
+    assert m["blocks"][0]["sha256"] == EXPECTED["mem_sha256"]
+    rejected = caps[0].rejected
+    assert any("not a QEMU migration connection" in r for r in rejected), rejected
+    assert any("uuid abababab" in r for r in rejected), rejected
+    assert any("no complete" in r for r in rejected), rejected
+
+
+def test_a_stray_qevm_after_the_main_channel_is_refused(tmp_path: Path) -> None:
+    """A second QEVM stream is refused and logged; the first main channel's capture goes on.
+    (A stranger whose QEVM comes first is the main channel, as on QEMU's own destination:
+    see the README's security notes.)"""
+    cap = QemuCapture(tmp_path / "out", channels=len(CHANNELS), timeout=10.0)
+    _, port = cap.listen("127.0.0.1", 0)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(m=cap.run()), daemon=True)
+    t.start()
+    main = socket.create_connection(("127.0.0.1", port), timeout=10)
+    main.sendall(MAIN[:100])
+    time.sleep(0.3)
+    stray = socket.create_connection(("127.0.0.1", port), timeout=10)
+    stray.sendall(MAIN[:100])
+    time.sleep(0.3)
+    main.sendall(MAIN[100:])
+    main.shutdown(socket.SHUT_WR)
+    play(port, b"", CHANNELS)  # the channels only (an empty "main" connection is closed)
+    t.join(30)
+    main.close()
+    stray.close()
+    assert result["m"]["blocks"][0]["sha256"] == EXPECTED["mem_sha256"]
+    assert any("a second main connection" in r for r in cap.rejected), cap.rejected
+
+
+def with_vmdesc(main: bytes, vmdesc: bytes) -> bytes:
+    """MAIN with its vmdesc replaced (EOF 00, 06, be32 length, JSON)."""
+    at = main.rfind(b"\x00\x06")
+    return main[: at + 2] + len(vmdesc).to_bytes(4, "big") + vmdesc
+
+
+def test_deeply_nested_vmdesc_is_one_clear_error(tmp_path: Path) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(MultiFDError, match="vmdesc JSON is nested too deeply"):
+        capture(tmp_path, main=with_vmdesc(MAIN, deep))
+    assert not any(p.name.endswith(".ram") for p in (tmp_path / "out").iterdir())
+
+
+def test_a_huge_mem_size_list_is_refused_at_once(tmp_path: Path) -> None:
+    """40,000 zero-length blocks: refused in the parser, before any file is created."""
+    r = qs.MainStreamReader()
+    r.feed(MAIN)
+    pro = next(ev for ev in r.events() if isinstance(ev, qs.Prologue))
+    blocks = [qs.BlockInfo(f"b{i}", 0) for i in range(40_000)] + [qs.BlockInfo("mem", PS)]
+    main = pro.raw + qs.ram_start_section(1, blocks, flush=True)
+    t0 = time.process_time()
+    with pytest.raises(MultiFDError, match="more than 1024 ramblocks"):
+        capture(tmp_path, main=main)
+    assert time.process_time() - t0 < 10  # was 24 s of CPU; a bound, not a benchmark
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
+def test_the_device_tail_is_streamed_to_its_file(tmp_path: Path) -> None:
+    """A 48 MiB device tail goes to tail.bin as it arrives (it peaked at 4x in memory)."""
+    tail_at = qs_tail_offset(MAIN)
+    blob = np.random.default_rng(5).integers(1, 255, 48 << 20, np.uint8).tobytes()
+    main = MAIN[: tail_at + 1] + blob + MAIN[tail_at + 1 :]  # inside the first section
+    tracemalloc.start()
+    try:
+        m = capture(tmp_path, main=main)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    out = tmp_path / "out"
+    assert (out / "tail.bin").read_bytes() == main[tail_at:]
+    assert m["tail"]["sha256"] == hashlib.sha256(main[tail_at:]).hexdigest()
+    # Traced from the capture's start: its own allocations (the stream was built before).
+    assert peak < 16 << 20, f"{peak >> 20} MiB"
+
+
+def qs_tail_offset(main: bytes) -> int:
+    r = qs.MainStreamReader()
+    r.feed(main)
+    list(r.events())
+    assert r.tail_offset is not None
+    return r.tail_offset
+
+
+LINKED = ["000-mem.ram.partial", "000-mem.ram", "prefix.bin", "prefix.bin.partial",
+          "vmdesc.json", "vmdesc.json.partial", "tail.bin.partial", "tail.bin",
+          "manifest.json.partial", "manifest.json"]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_capture_never_writes_through_planted_links(tmp_path: Path, fail: bool) -> None:
+    out = tmp_path / "out"
+    victims = plant_links(out, LINKED, tmp_path)
+    if fail:
+        with pytest.raises(MultiFDError):
+            capture(tmp_path, main=MAIN[:-3])
+    else:
+        capture(tmp_path)
+    assert_untouched(victims)
+    if not fail:
+        for name in ("000-mem.ram", "prefix.bin", "vmdesc.json", "tail.bin", "manifest.json"):
+            assert (out / name).is_file() and not (out / name).is_symlink()
+    else:
+        assert not (out / "manifest.json").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from qemu_support import Lab, require_method
 
+from multifd_core import wire
 from multifd_core.errors import MultiFDError
 from multifd_core.qemu.replay import load_capture, replay
 from multifd_core.qemu.vm import QemuVM
@@ -176,10 +178,30 @@ def test_capture_wrong_uuid(lab: Lab, start_capture) -> None:
     cap, uri = start_capture(channels=2, uuid=bytes(16))
     src.set_migration(channels=2)
     src.migrate(uri)
-    with pytest.raises(MultiFDError, match="received uuid '11111111-2222-3333-4444-"
-                                           "555555555555' and expected uuid '00000000"):
+    with pytest.raises(MultiFDError, match="refused.*uuid 11111111-2222-3333-4444-"
+                                           "555555555555, expected 00000000.*--uuid"):
         cap.result(30)
     assert not (cap.cap.out_dir / "manifest.json").exists()
+
+
+def test_strangers_before_the_source_do_not_break_a_capture(lab: Lab, start_capture) -> None:
+    """Garbage, an idle connection and a stranger's init packet with another uuid reach the
+    capture port before QEMU migrates: each is refused and logged; QEMU's migration
+    completes and the capture is whole."""
+    src = lab.source()
+    cap, uri = start_capture(channels=2, handshake_timeout=2.0)
+    host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+    strangers = [socket.create_connection((host, int(port)), timeout=5) for _ in range(3)]
+    strangers[0].sendall(b"\xde\xad\xbe\xef" * 32)
+    strangers[2].sendall(wire.encode_init(bytes.fromhex("ab" * 16), 0))
+    src.set_migration(channels=2)
+    src.migrate(uri)
+    manifest = cap.result(60)
+    assert src.qmp.wait_migration(timeout=30)["status"] == "completed"
+    assert manifest["uuid"] == "00000000-0000-0000-0000-000000000000"
+    assert any("not a QEMU migration connection" in r for r in cap.cap.rejected)
+    for s in strangers:
+        s.close()
 
 
 def test_capture_source_killed(lab: Lab, start_capture) -> None:

@@ -42,6 +42,12 @@ WRITE_SIZE = PACKET_SIZE + 1
 MAX_WINDOW = 1 << 25
 
 
+def level_window(level: int) -> int:
+    """The window a streaming encoder at ``level`` uses (QEMU's and ours alike: the size of
+    what is compressed is unknown when a channel's frame starts)."""
+    return 1 << zstandard.ZstdCompressionParameters.from_level(level).window_log
+
+
 class Zstd(Method):
     name = "zstd"
     code = 0x04
@@ -94,11 +100,23 @@ class Zstd(Method):
     def send_cleanup(self, channel: ChannelContext) -> None:
         channel.state = None
 
+    @property
+    def window(self) -> int:
+        """The largest window the receiver accepts: the sender's level's when the session
+        says which level it uses, else the largest a QEMU level (20) can produce."""
+        if self.options.level is None or zstandard is None:
+            return MAX_WINDOW
+        return min(level_window(self.options.level), MAX_WINDOW)
+
+    def recv_memory(self) -> int:
+        # The window, the stream's output chunk, the sink's copy of a packet, the payload.
+        return self.window + WRITE_SIZE + PACKET_SIZE + self.max_payload(1) + (64 << 10)
+
     @hookimpl
     def recv_setup(self, channel: ChannelContext) -> None:
         _require()
         sink = BoundedSink()
-        decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+        decompressor = zstandard.ZstdDecompressor(max_window_size=self.window)
         channel.state = (sink, decompressor.stream_writer(sink, write_size=WRITE_SIZE))
         channel.engine = "software"
 
