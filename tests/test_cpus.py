@@ -24,32 +24,34 @@ def test_affinity_counts(tmp_path: Path) -> None:
     assert float(out[0]) == 1.0 and int(out[1]) >= 2
 
 
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+def tree(root: Path, files: dict[str, str]) -> tuple[str, str]:
+    """Write ``files`` (path under ``root`` -> text); return the proc and cgroup roots."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return str(root / "proc"), str(root / "cg")
 
 
 def test_cgroup_v2_quota_is_the_tightest_on_the_path(tmp_path: Path) -> None:
-    proc, root = tmp_path / "proc", tmp_path / "cg"
-    write(proc / "cgroup", "0::/machine.slice/box\n")
-    write(root / "cpu.max", "max 100000\n")
-    write(root / "machine.slice/cpu.max", "300000 100000\n")
-    write(root / "machine.slice/box/cpu.max", "150000 100000\n")
-    assert cgroup_quota(str(proc), str(root)) == 1.5
-    assert usable_cpus(str(proc), str(root)) == min(1.5, len(os.sched_getaffinity(0)))
-    write(root / "machine.slice/box/cpu.max", "max 100000\n")
-    assert cgroup_quota(str(proc), str(root)) == 3.0
+    proc, root = tree(tmp_path, {"proc/cgroup": "0::/machine.slice/box\n",
+                                 "cg/cpu.max": "max 100000\n",
+                                 "cg/machine.slice/cpu.max": "300000 100000\n",
+                                 "cg/machine.slice/box/cpu.max": "150000 100000\n"})
+    assert cgroup_quota(proc, root) == 1.5
+    assert usable_cpus(proc, root) == min(1.5, len(os.sched_getaffinity(0)))
+    tree(tmp_path, {"cg/machine.slice/box/cpu.max": "max 100000\n"})
+    assert cgroup_quota(proc, root) == 3.0
 
 
 def test_cgroup_v1_quota(tmp_path: Path) -> None:
-    proc, root = tmp_path / "proc", tmp_path / "cg"
-    write(proc / "cgroup", "5:memory:/docker/x\n4:cpu,cpuacct:/docker/x\n")
-    write(root / "cpu,cpuacct/docker/x/cpu.cfs_quota_us", "50000\n")
-    write(root / "cpu,cpuacct/docker/x/cpu.cfs_period_us", "100000\n")
-    write(root / "cpu,cpuacct/cpu.cfs_quota_us", "-1\n")
-    write(root / "cpu,cpuacct/cpu.cfs_period_us", "100000\n")
-    assert cgroup_quota(str(proc), str(root)) == 0.5
-    assert usable_cpus(str(proc), str(root)) == 0.5
+    proc, root = tree(tmp_path, {
+        "proc/cgroup": "5:memory:/docker/x\n4:cpu,cpuacct:/docker/x\n",
+        "cg/cpu,cpuacct/docker/x/cpu.cfs_quota_us": "50000\n",
+        "cg/cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n",
+        "cg/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+        "cg/cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
+    assert cgroup_quota(proc, root) == 0.5
+    assert usable_cpus(proc, root) == 0.5
 
 
 def test_no_cgroup_means_no_quota(tmp_path: Path) -> None:
