@@ -146,7 +146,8 @@ def test_human_summary_names_both_engines(tmp_path: Path, image: Path) -> None:
 
 
 SEND_LOG = [r"main channel connected to unix:", r"offering none \(0x00\), .*zlib \(0x02\)",
-            r"receiver chose zlib; its engine: zlib level 1, engine software", r"engine: zlib level 1",
+            r"receiver chose zlib; its engine: zlib level 1, engine software",
+            r"engine: zlib level 1",
             r"channel 0 connected", r"channel 1 connected", r"round 0: pc\.ram 1024 pages",
             r"channel 1: \d+ packets \+ 1 syncs, \d+ normal \+ \d+ zero pages",
             r"phases: connecting [\d.]+ s, negotiating [\d.]+ s, transferring [\d.]+ s, "
