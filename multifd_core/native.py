@@ -232,7 +232,7 @@ class _StderrFilter:
         st = os.fstat(2)
         self.identity = (st.st_dev, st.st_ino)
         self.thread = threading.Thread(target=self._pump, args=(read,), daemon=True,
-                                       name="multifd-stderr-filter")
+                                       name="stderr-filter")
         self.thread.start()
 
     def active(self) -> bool:
