@@ -22,7 +22,6 @@ import argparse
 import glob
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from multifd_core.harness import MethodHarness
 from multifd_core.method import MethodOptions
 from multifd_core.testing import gil_runnable, make_pages
+from multifd_core.vendorbench import run_threads
 from multifd_core.wire import page_count
 
 PAGE = 4096
@@ -56,24 +56,12 @@ def packets_of(image: np.ndarray) -> list[np.ndarray]:
     return [image[normal[i:i + step]] for i in range(0, len(normal), step)]
 
 
-def run_threads(threads: int, work: Callable[[int], None]) -> float:
-    errors: list[BaseException] = []
-
-    def body(k: int) -> None:
-        try:
-            work(k)
-        except BaseException as exc:  # reported after the join
-            errors.append(exc)
-
-    ts = [threading.Thread(target=body, args=(k,)) for k in range(threads)]
-    start = time.perf_counter()
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    if errors:
-        raise errors[0]
-    return time.perf_counter() - start
+def use_checkout_libqatzip() -> None:
+    """Point MULTIFD_QATZIP_LIBRARY at this checkout's .cache/qatzip unless it is set."""
+    if not os.environ.get("MULTIFD_QATZIP_LIBRARY"):
+        local = sorted(glob.glob(str(REPO / ".cache/qatzip/usr/lib/*/libqatzip.so.3")))
+        if local:
+            os.environ["MULTIFD_QATZIP_LIBRARY"] = local[0]
 
 
 def bench_method(make: Callable[[], Any], packets: list[np.ndarray], threads: int
@@ -179,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated methods (default: all)")
     args = ap.parse_args(argv)
-    if not os.environ.get("MULTIFD_QATZIP_LIBRARY"):
-        local = sorted(glob.glob(str(REPO / ".cache/qatzip/usr/lib/*/libqatzip.so.3")))
-        if local:
-            os.environ["MULTIFD_QATZIP_LIBRARY"] = local[0]
+    use_checkout_libqatzip()
     only = {m.strip() for m in args.only.split(",") if m.strip()} or None
 
     t = time.perf_counter()

@@ -9,7 +9,8 @@
 4. rate-limited links (``bench_link``): namespaces + veth + tbf at 1 and 10 Gbit/s, each
    method's time there, and ``multifd_core.auto.choose_method``'s pick for the link rate
    measured by bare sockets in the same namespaces;
-5. QEMU rows (``--qemu``, ``bench_qemu.Bench``): QEMU->QEMU and QEMU->our capture.
+5. QEMU rows (``--qemu``, ``bench_qemu.Bench``): QEMU->QEMU and QEMU->our capture; QEMU's
+   mapped-ram save and restore against our export and import of the same guest.
 
     .venv/bin/multifd bench [--size-mib 1024] [--json PATH] [--charts DIR] [--qemu]
                             [--sections matrix rss links qemu] [--quick]
@@ -318,10 +319,15 @@ def section_qemu(opts: Any) -> dict[str, Any]:
                 shutil.rmtree(work / f"cap-{method}-{ch}", ignore_errors=True)
                 _log(f"qemu {method} x{ch}: {row}")
                 rows.append(row)
+        mapped = []
+        for ch in (4,) if opts.quick else (1, 4):
+            mapped.append(_guard(lambda c=ch: bench.mapped_ram(c)))
+            _log(f"qemu mapped-ram x{ch}: {mapped[-1]}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"guest": f"pc, -m {mem_mib}M, {mixed_mib} MiB mixed region, paused",
-            "times": "total_ms is the QEMU source's total-time", "rows": rows}
+            "times": "total_ms is the QEMU source's total-time", "rows": rows,
+            "mapped_ram": mapped}
 
 
 def _guard(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -413,6 +419,12 @@ def print_report(res: dict[str, Any]) -> None:
             qq, qc = r["qemu_to_qemu"], r["qemu_to_capture"]
             print(f"{r['method']:<8}{r['channels']:>3} {qq.get('total_ms', qq.get('error')):>14} "
                   f"{qc.get('total_ms', qc.get('error')):>17}")
+        if q.get("mapped_ram"):
+            from bench_qemu import print_mapped_ram
+
+            print("\nQEMU mapped-ram files (same guest; N channels = N threads; ms, wall; ours "
+                  "durable and verified; ratio = ours / QEMU's, target <= 1.3):")
+            print_mapped_ram(q["mapped_ram"])
     print(f"\ntotal {res['seconds']:.0f} s")
 
 

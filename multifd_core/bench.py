@@ -1,8 +1,10 @@
 """``multifd bench``: the performance suite (physical limits, every method and engine, memory,
-rate-limited links with ``auto``'s choice, QEMU rows), as a table, JSON and PNG charts.
+rate-limited links with ``auto``'s choice, QEMU rows), as a table, JSON and PNG charts; or the
+vendor benchmark of a method's engines (``--engines``, ``--vendor``).
 
-The measurements live in the source checkout's ``benchmarks/`` directory (``bench_suite``),
-which this command loads; an installed wheel without it says so.
+The suite lives in the source checkout's ``benchmarks/`` directory (``bench_suite``), which this
+command loads. The vendor benchmark (``multifd_core.vendorbench``) ships in the package: from an
+installed wheel, without a checkout, ``multifd bench`` runs it and says so in one line.
 """
 
 from __future__ import annotations
@@ -29,7 +31,28 @@ def load_suite() -> ModuleType:
     return importlib.import_module("bench_suite")
 
 
+#: Options that only the full suite reads (flag, argparse destination).
+SUITE_ONLY = (("--quick", "quick"), ("--charts", "charts"), ("--sections", "sections"),
+              ("--no-link", "no_link"), ("--no-rss", "no_rss"), ("--qemu", "qemu"),
+              ("--workdir", "workdir"))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    vendor = args.vendor or args.engines is not None
+    if not vendor and not (BENCHMARKS / "bench_suite.py").is_file():
+        used = [flag for flag, dest in SUITE_ONLY if getattr(args, dest)]
+        if used:
+            raise MultiFDError(f"{', '.join(used)}: the full suite needs the source "
+                               f"checkout's benchmarks/ (not found at {BENCHMARKS}); without "
+                               f"it multifd bench runs the vendor benchmark only")
+        print("multifd bench: no source checkout (benchmarks/ not found): running the vendor "
+              "benchmark only", file=sys.stderr, flush=True)
+        vendor = True
+    if vendor:
+        from multifd_core import vendorbench
+
+        channels = args.channels[0] if args.channels else 2
+        return vendorbench.run(argparse.Namespace(**{**vars(args), "channels": channels}))
     return int(load_suite().run(args))
 
 
@@ -59,4 +82,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     b.add_argument("--timeout", type=float, default=300.0, help="seconds per migration")
     b.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir "
                                                    "next to the image cache)")
+    v = b.add_argument_group("vendor benchmark (in the package: works from a wheel)")
+    v.add_argument("--vendor", action="store_true",
+                   help="run the vendor benchmark even in a source checkout")
+    v.add_argument("--engines", metavar="A,B", default=None,
+                   help="engines of the one --methods NAME (default: every available one); "
+                        "implies --vendor")
+    v.add_argument("--threads", nargs="+", type=int, default=[1, 2],
+                   help="thread counts of the encode/decode rows (default 1 2)")
+    v.add_argument("--level", type=int, default=None, help="the method's level")
+    v.add_argument("--page-size", type=int, default=4096)
     b.set_defaults(func=cmd_bench)

@@ -29,8 +29,12 @@ def migrate(
     registry: MethodRegistry | None = None,
     receiver_method: str | None = None,
     dest_blocks: dict[str, RamBlock] | None = None,
+    receiver_engine: str | None = None,
 ) -> tuple[list[RamBlock], SessionStats]:
-    """Migrate ``src_blocks`` into fresh in-memory blocks (or ``dest_blocks`` by name)."""
+    """Migrate ``src_blocks`` into fresh in-memory blocks (or ``dest_blocks`` by name).
+
+    ``engine`` is the sender's engine, ``receiver_engine`` the receiver's (default: the best
+    available there), so every engine pair of a method can be migrated."""
     listener = listen(Address("tcp", host="127.0.0.1", port=0))
     addr = bound_address(listener, Address("tcp", host="127.0.0.1"))
 
@@ -40,7 +44,8 @@ def migrate(
         return RamBlock.zeros(name, length, page_size=ps)
 
     session = ReceiveSession(listener, allocate, method=receiver_method, registry=registry,
-                             timeout=timeout, fresh=dest_blocks is None)
+                             timeout=timeout, fresh=dest_blocks is None,
+                             engine=receiver_engine)
     outcome: dict[str, Any] = {}
 
     def serve() -> None:

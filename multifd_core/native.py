@@ -1,10 +1,18 @@
-"""Finding and opening a vendor's shared library with cffi, for method plugins.
+"""The native-plugin toolkit: open a vendor's shared library with cffi, report its engines.
 
-Lookup order: the file named by the plugin's environment variable (an error if it is set and
-cannot be opened: no silent fallback), then ``ctypes.util.find_library``, then the known
-sonames through the system loader. When the library is opened from a path, its dependencies
-found in the same folder are opened first (``RTLD_GLOBAL``), so an unpacked package works
-without ``LD_LIBRARY_PATH``.
+A public, stable API for method plugins (the qpl, uadk and qatzip plugins use it; the guide,
+docs/writing-a-plugin.md section 7, has a worked example):
+
+- ``LibrarySpec`` and ``open_library(spec, ffi) -> OpenLibrary``: the lookup. Order: the file
+  named by the plugin's environment variable (an error if it is set and cannot be opened: no
+  silent fallback), then ``ctypes.util.find_library``, then the known sonames through the
+  system loader. Opened from a path, the library's dependencies found in the same folder are
+  opened first (``RTLD_GLOBAL``), so an unpacked package works without ``LD_LIBRARY_PATH``.
+  Both outcomes are cached per library and setting; ``clear_cache()`` forgets them.
+- ``software_forced(env)``: the ``$MULTIFD_<METHOD>_ENGINE=software`` switch (a value other
+  than ``software``/``auto``/empty is an error naming the valid ones).
+- ``hardware_engine_info(...)``: the ``EngineInfo`` of a library engine, off when forced.
+- ``quiet_stderr(*noise)``: hold back a library's known noise on file descriptor 2.
 """
 
 from __future__ import annotations
@@ -19,37 +27,71 @@ import select
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import cffi
 
-from multifd_core.errors import LibraryNotFoundError
+from multifd_core.errors import LibraryNotFoundError, MultiFDError
 from multifd_core.method import EngineInfo
+
+__all__ = [
+    "ENGINE_SWITCH_VALUES", "LibrarySpec", "OpenLibrary", "candidates", "clear_cache",
+    "filter_stderr", "hardware_engine_info", "open_library", "quiet_stderr", "software_forced",
+]
+
+#: What ``$MULTIFD_<METHOD>_ENGINE`` may hold: unset/empty or ``auto`` (the best available
+#: engine) and ``software`` (only the software engine).
+ENGINE_SWITCH_VALUES = ("auto", "software")
 
 
 @dataclass(frozen=True)
 class LibrarySpec:
-    """What to look for and what to tell the user when it is missing."""
+    """What to look for, how to check it, and what to tell the user when it is missing.
 
-    label: str  # "libqatzip"
-    env: str  # "MULTIFD_QATZIP_LIBRARY"
-    find_name: str  # name for ctypes.util.find_library ("qatzip")
-    sonames: tuple[str, ...]  # ("libqatzip.so.3",)
-    dependencies: tuple[str, ...] = ()  # sonames preloaded from the library's folder
-    symbols: tuple[str, ...] = ()  # functions that must resolve (else: not this library)
-    install: str = ""  # how to get it
+    ``label`` names the library in messages ("libqatzip"); ``env`` is the variable naming its
+    file ("MULTIFD_QATZIP_LIBRARY"); ``find_name`` goes to ``ctypes.util.find_library``
+    ("qatzip"); ``sonames`` are tried through the system loader, the first one is shown in the
+    hint; ``dependencies`` are preloaded from the library's folder; every one of ``symbols``
+    must resolve (else the file is refused as "not this library"); ``install`` says how to get
+    it (one or more sentences); ``version(lib, ffi)``, when given, asks the opened library for
+    its release (else the version comes from the file name, and says so)."""
+
+    label: str
+    env: str
+    find_name: str
+    sonames: tuple[str, ...]
+    dependencies: tuple[str, ...] = ()
+    symbols: tuple[str, ...] = ()
+    install: str = ""
+    version: Callable[[Any, Any], str | None] | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a handle: equal only to itself, hashable (functools.cache works on it)
 class OpenLibrary:
+    """An opened library: ``lib`` (cffi's handle), ``path`` (the real file), ``version`` and
+    where it came from (``version_source``: "library", "file name", or "" when unknown),
+    ``keep`` (dependency handles, kept alive with it) and ``ready`` (the plugin sets it once its
+    one-time set-up, e.g. a log level, ran; ``open_library`` returns the same object per path).
+    """
+
     lib: Any
     path: str
     version: str | None
-    keep: list[Any] = field(default_factory=list)  # dependency handles, kept alive
-    ready: bool = False  # set by the plugin once its one-time set-up ran
+    keep: list[Any] = field(default_factory=list)
+    ready: bool = False
+    version_source: str = ""
+
+    @property
+    def version_label(self) -> str | None:
+        """The version as ``multifd methods`` shows it: the library's own answer as it is, a
+        file-name version marked as such (``libisal.so.2.0.30`` says 2.0.30, the release is
+        2.30)."""
+        if self.version is None or self.version_source == "library":
+            return self.version
+        return f"{self.version} ({self.version_source or 'unknown source'})"
 
 
 _lock = threading.Lock()
@@ -115,9 +157,12 @@ def _open_library(spec: LibrarySpec, ffi: cffi.FFI) -> OpenLibrary:
                 continue
             _cache[key] = opened
             return opened
-    raise LibraryNotFoundError(
-        f"{spec.label} not found; looked at: {'; '.join(tried)}. {spec.install} "
-        f"Or set {spec.env}=/path/to/{spec.sonames[0]}.")
+    install = spec.install.strip()
+    if install and not install.endswith((".", "!", "?")):
+        install += "."
+    raise LibraryNotFoundError(" ".join(part for part in (
+        f"{spec.label} not found; looked at: {'; '.join(tried)}.", install,
+        f"Or set {spec.env}=/path/to/{spec.sonames[0]}.") if part))
 
 
 def _open(spec: LibrarySpec, ffi: cffi.FFI, name: str) -> OpenLibrary:
@@ -137,7 +182,17 @@ def _open(spec: LibrarySpec, ffi: cffi.FFI, name: str) -> OpenLibrary:
         except (AttributeError, NotImplementedError):
             raise OSError(f"opened, but it is not {spec.label}: no symbol {symbol}") from None
     path = os.path.realpath(name) if os.sep in name else (_mapped_path(name) or name)
-    return OpenLibrary(lib, path, _file_version(path), keep)
+    asked = None
+    if spec.version is not None:
+        try:
+            asked = spec.version(lib, ffi)
+        except (AttributeError, NotImplementedError, OSError):  # an older library: no call
+            asked = None
+    if asked:
+        return OpenLibrary(lib, path, asked, keep, version_source="library")
+    from_file = _file_version(path)
+    return OpenLibrary(lib, path, from_file, keep, version_source="file name" if from_file
+                       else "")
 
 
 def _mapped_path(soname: str) -> str | None:
@@ -201,19 +256,28 @@ def quiet_stderr(*noise: str) -> Iterator[None]:
 
 
 def software_forced(env: str) -> bool:
-    """``$env=software``: this endpoint uses only a plugin's software engine."""
-    return os.environ.get(env, "").strip().lower() == "software"
+    """``$env=software``: this endpoint uses only a plugin's software engine (``auto`` or
+    unset: the best available). Any other value raises ``MultiFDError`` naming the valid ones,
+    so a typo is not silently ignored."""
+    raw = os.environ.get(env, "")
+    value = raw.strip().lower()
+    if value not in ("", *ENGINE_SWITCH_VALUES):
+        raise MultiFDError(f"{env}={raw!r} is not a valid value: use "
+                           f"{' or '.join(ENGINE_SWITCH_VALUES)} (or leave it unset)")
+    return value == "software"
 
 
 def hardware_engine_info(name: str, env: str, usable: bool, reason: str,
-                         opened: OpenLibrary | None) -> EngineInfo:
-    """The ``EngineInfo`` of a plugin's hardware engine: off when ``$env=software``."""
-    forced = software_forced(env)
-    if forced:
-        reason = f"forced off by {env}=software ({reason})"
-    return EngineInfo(name, "hardware", usable and not forced, reason,
-                      opened.path if opened else None, opened.version if opened else None,
-                      path="native")
+                         opened: OpenLibrary | None, kind: str = "hardware") -> EngineInfo:
+    """The ``EngineInfo`` of a plugin's library engine (``kind`` "hardware", or "software"
+    for a library running its own software path): available when ``usable`` and not forced off
+    by ``$env=software``; ``reason`` says why (kept after "forced off by ..."); the library's
+    path and version come from ``opened``."""
+    if software_forced(env):
+        usable = False
+        reason = f"forced off by {env}=software" + (f" ({reason})" if reason else "")
+    return EngineInfo(name, kind, usable, reason, opened.path if opened else None,
+                      opened.version_label if opened else None, path="native")
 
 
 class _StderrFilter:

@@ -10,6 +10,9 @@ PAGE``, and ``next_packet_size == 4 x normal + sum(len)``.
 ``SoftwareEngine`` runs a method's software codec: a native per-packet codec when the plugin
 has one (no Python per page: the whole packet in one call that releases the GIL), else the
 per-page Python loop of ``pack`` and ``unpack_into``.
+
+A public, stable API for plugins whose payload is this container (docs/writing-a-plugin.md,
+section 10): subclass ``PerPageMethod`` and give it engines (``SoftwareEngine`` or your own).
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ from multifd_core.errors import MethodError
 from multifd_core.hookspecs import hookimpl
 from multifd_core.method import Method
 
+__all__ = [
+    "LENGTH", "PacketCodec", "PageCodec", "PerPageMethod", "SoftwareEngine", "check_lengths",
+    "lengths", "pack", "pack_raw", "page_rows", "unpack_into",
+]
+
+#: The container's length entries: big-endian 32-bit, one per normal page.
 LENGTH = np.dtype(">u4")
 
 
@@ -134,7 +143,12 @@ class PacketCodec(Protocol):
 
 class SoftwareEngine:
     """A software engine of this container: ``native`` (one call a packet, GIL released) when
-    given, else ``codec`` page by page in Python. Both write and accept the same bytes."""
+    given, else ``codec`` page by page in Python. Both write and accept the same bytes.
+
+    ``method`` names the method in error messages; ``channel`` is the channel id. The engine
+    interface a ``PerPageMethod`` expects: ``compress(packet)`` returns the payload buffers,
+    ``decompress_into(payload, normal, out)`` validates the length array and fills ``out``
+    (``normal`` x page size bytes) or raises ``MethodError``, ``close()`` frees it."""
 
     name = "software"
 
@@ -144,12 +158,14 @@ class SoftwareEngine:
         self.codec, self.native = codec, native
 
     def compress(self, packet: SendPacket) -> list[Any]:
+        """The payload of ``packet``: lengths then blobs (raw pages where they do not shrink)."""
         if self.native is not None:
             return [self.native.compress(packet.data(), packet.normal_pages)]
         rows = page_rows(packet.pages())
         return pack(rows, self.codec.compress_pages(rows), self.page_size)
 
     def decompress_into(self, payload: memoryview, normal: int, out: memoryview) -> None:
+        """Validate ``payload`` and place its ``normal`` pages in ``out``."""
         if self.native is None:
             unpack_into(payload, normal, self.page_size, out, self.codec.decode, self.channel,
                         self.method)
@@ -163,6 +179,7 @@ class SoftwareEngine:
                 received=failure.status, expected=0, channel=self.channel)
 
     def close(self) -> None:
+        """Nothing to free (the native codec's buffers go with it)."""
         return None
 
 
@@ -174,6 +191,7 @@ class PerPageMethod(Method):
     out)`` and ``close()`` (``SoftwareEngine`` or a hardware one); everything else is here."""
 
     def max_payload(self, normal_pages: int) -> int:
+        """A length entry and at most a raw page per page."""
         return normal_pages * (4 + self.page_size)
 
     @hookimpl

@@ -45,6 +45,8 @@ class RamBlock:
         self._owner = buffer
         self._closers: list[Any] = []
         self._fd: int | None = None
+        self._fd_offset = 0  # file offset of the block's first byte (map_region)
+        self._owns_fd = True
         #: Where the block is stored, for messages (its file's path), if anywhere.
         self.origin: str | None = None
 
@@ -67,6 +69,13 @@ class RamBlock:
         for start in range(0, self.used_length, step):
             digest.update(view[start : start + step])
         return digest.hexdigest()
+
+    @property
+    def fd(self) -> int:
+        """The descriptor of a file-backed block (``create_file``, writable ``map_region``)."""
+        if self._fd is None:
+            raise MultiFDError(f"ramblock {self.name} is not file-backed")
+        return self._fd
 
     @property
     def file_backed(self) -> bool:
@@ -104,7 +113,7 @@ class RamBlock:
         ends = [*starts[1:], n]
         try:
             for a, b, page in zip(starts, ends, index[starts].tolist(), strict=True):
-                _pwrite_all(self._fd, view[a * ps : b * ps], page * ps)
+                _pwrite_all(self._fd, view[a * ps : b * ps], self._fd_offset + page * ps)
         except OSError as exc:
             raise self.write_error(exc) from None
 
@@ -173,6 +182,28 @@ class RamBlock:
         return block
 
     @classmethod
+    def map_region(cls, fd: int, name: str, offset: int, length: int, *,
+                   page_size: int = 4096, writable: bool = False) -> RamBlock:
+        """A block over ``length`` bytes of the open file ``fd`` from ``offset`` (a multiple
+        of the mmap granularity), such as a pages region of a mapped-ram file. A writable one
+        takes ``write_pages`` through the file (pwrite at ``offset``). ``fd`` stays the
+        caller's: it must outlive the block."""
+        mapping: Any = None
+        if not length:
+            buf: Any = bytearray() if writable else b""
+        elif writable:
+            mapping = FileMapping(fd, length, offset)
+            buf = mapping.buffer
+        else:
+            buf = mapping = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset)
+        block = cls(name, buf, page_size=page_size)
+        if mapping is not None:
+            block._closers.append(mapping)
+        if writable:
+            block._fd, block._fd_offset, block._owns_fd = fd, offset, False
+        return block
+
+    @classmethod
     def zeros(cls, name: str, length: int, *, page_size: int = 4096) -> RamBlock:
         """A zero-filled block in anonymous memory, its own mapping: pages are allocated on
         first write, and ``close`` gives them back to the system at once (a heap allocation
@@ -203,7 +234,8 @@ class RamBlock:
                 pass  # a view still lives; the mapping goes with it
         self._closers.clear()
         if self._fd is not None:
-            os.close(self._fd)
+            if self._owns_fd:
+                os.close(self._fd)
             self._fd = None
 
     def __repr__(self) -> str:
@@ -216,8 +248,8 @@ class FileMapping:
     holds none (the block keeps the one it writes and syncs through). The mapping is undone
     when ``buffer`` and every view of it are gone."""
 
-    def __init__(self, fd: int, length: int) -> None:
-        addr = _libc.mmap(None, length, _PROT_RW, _MAP_SHARED, fd, 0)
+    def __init__(self, fd: int, length: int, offset: int = 0) -> None:
+        addr = _libc.mmap(None, length, _PROT_RW, _MAP_SHARED, fd, offset)
         if addr is None or addr == _MAP_FAILED:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))

@@ -1,13 +1,20 @@
 """The built-in ``none`` method against the plugin conformance kit (its first user)."""
 
 
+import sys
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from multifd_core import hookimpl
+from multifd_core import EngineInfo, hookimpl
 from multifd_core.context import ChannelContext, RecvPacket, SendPacket
+from multifd_core.errors import MethodError
 from multifd_core.nocomp import NoCompression
 from multifd_core.testing import MethodConformance
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 class TestNoneConformance(MethodConformance):
@@ -91,6 +98,39 @@ class _HoldsGil(NoCompression):
         packet.write_pages(data)
 
 
+class _GzipFallback(NoCompression):
+    """Engine "native" writes and reads zlib streams; its fallback writes gzip by mistake (and
+    reads gzip), so each engine passes alone and only the pairs fail."""
+
+    name = "gzipfallback"
+    code = 0x14
+
+    @classmethod
+    def engines(cls) -> list[EngineInfo]:
+        return [EngineInfo("native", "software", True), EngineInfo("fallback", "software", True)]
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self.engine = self.choose_engine(self.options.engine).name
+        self.wbits = 15 if self.engine == "native" else 31  # 31: gzip, the bug
+
+    def max_payload(self, normal_pages: int) -> int:
+        return normal_pages * self.page_size + 1024
+
+    @hookimpl
+    def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[bytes]:
+        c = zlib.compressobj(1, zlib.DEFLATED, self.wbits)
+        return [c.compress(packet.data()) + c.flush()]
+
+    @hookimpl
+    def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
+        try:
+            data = zlib.decompress(packet.read_payload(), self.wbits)
+        except zlib.error as exc:
+            raise MethodError(f"bad stream: {exc}", field="payload") from None
+        packet.write_pages(data)
+
+
 def _kit(cls: type, **attrs: object) -> MethodConformance:
     return type("Kit", (MethodConformance,), {"method_cls": cls, **attrs})()
 
@@ -118,3 +158,26 @@ def test_kit_catches_a_codec_that_holds_the_gil() -> None:
 def test_kit_refuses_an_undeclared_gil_exemption() -> None:
     with pytest.raises(AssertionError, match="needs a gil_reason"):
         _kit(_HoldsGil, releases_gil=False).test_codec_calls_release_the_gil()
+
+
+def test_kit_names_the_engine_pair_that_fails() -> None:
+    """A fallback that writes gzip instead of zlib fails only across engines: the message says
+    which engine encoded and which decoded."""
+    with pytest.raises(pytest.fail.Exception,
+                       match=r"encoded by engine native, decoded by engine fallback: packet 0 "
+                             r"raised MethodError: bad stream"):
+        _kit(_GzipFallback).test_every_available_engine_and_cross_engine()
+
+
+@pytest.mark.parametrize("variant", ["PyDllLz4", "PurePython"])
+def test_kit_catches_a_codec_called_through_ctypes_pydll_or_a_python_loop(variant: str) -> None:
+    """liblz4 through ctypes.PyDLL keeps the GIL during short calls; a per-page Python loop
+    never releases it. The previous kit passed each about 45% of the time (benchmarks/
+    bench_gil.py); the verdict must be "holds" every time."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_gil
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    with pytest.raises(AssertionError, match="holds the GIL"):
+        _kit(getattr(bench_gil, variant)).test_codec_calls_release_the_gil()

@@ -23,7 +23,15 @@ import pytest
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.harness import MethodHarness
 from multifd_core.method import MethodOptions
-from multifd_core.testing import MethodConformance, in_ci, make_pages, mixed_pages, require
+from multifd_core.testing import (
+    MethodConformance,
+    assert_struct_layout,
+    check_struct_layout,
+    in_ci,
+    make_pages,
+    mixed_pages,
+    require,
+)
 
 try:
     from multifd_qatzip import _ffi, engines, gzipqz
@@ -432,33 +440,37 @@ def test_declarations_match_the_header_layout():
         assert cffi_layout(_ffi.ffi, key) == expected, key
 
 
-def test_declarations_match_the_installed_header(tmp_path):
-    """Compile every declared struct's sizeof/offsetof against the real qatzip.h."""
+def installed_header() -> str:
     headers = [p for p in (os.environ.get("MULTIFD_QATZIP_HEADER"), str(CACHE_HEADER),
                            "/usr/include/qatzip.h") if p and os.path.exists(p)]
-    if not headers:
-        require(False, "qatzip.h not found: run scripts/setup-system.sh as root (it unpacks "
-                       "libqatzip-dev), or set MULTIFD_QATZIP_HEADER")
-        return
-    ffi = _ffi.ffi
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <qatzip.h>", "int main(){"]
-    checks = []
-    for name in ("QzSession_T", "QzSessionParamsCommon_T", "QzSessionParamsDeflate_T",
-                 "QzStatus_T"):
-        checks.append((name, f"sizeof({name})", ffi.sizeof(name)))
-        for field, _ in ffi.typeof(name).fields:
-            checks.append((f"{name}.{field}", f"offsetof({name}, {field})",
-                           ffi.offsetof(name, field)))
-    lines += [f'printf("%zu\\n", (size_t){expr});' for _, expr, _ in checks] + ["}"]
-    src = tmp_path / "layout.c"
-    src.write_text("\n".join(lines))
-    cc = subprocess.run(["cc", "-I", os.path.dirname(headers[0]), "-o", str(tmp_path / "l"),
-                         str(src)], capture_output=True, text=True)
-    assert cc.returncode == 0, cc.stderr
-    got = subprocess.run([str(tmp_path / "l")], capture_output=True, text=True,
-                         check=True).stdout.split()
-    for (key, _, ours), theirs in zip(checks, got, strict=True):
-        assert ours == int(theirs), key
+    require(bool(headers), "qatzip.h not found: run scripts/setup-system.sh as root (it unpacks "
+                           "libqatzip-dev), or set MULTIFD_QATZIP_HEADER")
+    return headers[0]
+
+
+def test_declarations_match_the_installed_header():
+    """Every declared struct's sizeof/offsetof, compiled against the real qatzip.h (runs in CI:
+    set-up unpacks Debian 13's libqatzip-dev)."""
+    assert assert_struct_layout(_ffi.ffi, installed_header()) == 39
+
+
+def test_layout_helper_names_a_wrong_declaration():
+    """A cdef that drops a field of QzSession_T is caught, field by field."""
+    import cffi
+
+    wrong = cffi.FFI()
+    wrong.cdef("typedef struct QzSession_S { signed long int hw_session_stat; void *internal; "
+               "unsigned long total_in; unsigned long total_out; } QzSession_T;")
+    found = {m.what: (m.cffi, m.header) for m in check_struct_layout(wrong, installed_header())}
+    assert found == {"sizeof(QzSession_T)": (32, 40),
+                     "offsetof(QzSession_T, internal)": (8, 16),
+                     "offsetof(QzSession_T, total_in)": (16, 24),
+                     "offsetof(QzSession_T, total_out)": (24, 32)}
+    extra = cffi.FFI()
+    extra.cdef("struct not_in_qatzip { int a; };")
+    assert [str(m) for m in check_struct_layout(extra, installed_header())] == [
+        "sizeof(struct not_in_qatzip): cffi 4, not in the header",
+        "offsetof(struct not_in_qatzip, a): cffi 0, not in the header"]
 
 
 # ---------------------------------------------------------------- end to end

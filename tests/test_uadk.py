@@ -15,6 +15,7 @@ import zlib
 
 import numpy as np
 import pytest
+from layoutkit import check_optional_header
 
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.harness import MethodHarness
@@ -248,8 +249,9 @@ def test_library_that_is_not_uadk(monkeypatch):
 
 # ---------------------------------------------------------------- the binding's ABI
 
-# Layout of Linaro/uadk wd_comp.h / wd_sched.h / wd.h structs on LP64 (gcc 12). The session
-# setup is the newest form (mm_ops, mm_type); older UADK reads only its first 24 bytes.
+# Layout of Linaro/uadk wd_comp.h / wd_sched.h / wd.h structs on LP64 (gcc 12), probed with
+# multifd_core.layout against Linaro/uadk 97d643e. The session setup and sched_params are the
+# newest forms (mm_ops, mm_type; dev_id); older UADK reads only their first 24 / 16 bytes.
 LAYOUT = {
     "struct wd_comp_req": 72, "struct wd_comp_req.src_len": 8, "struct wd_comp_req.dst": 16,
     "struct wd_comp_req.dst_len": 24, "struct wd_comp_req.cb": 32,
@@ -258,8 +260,15 @@ LAYOUT = {
     "struct wd_comp_sess_setup": 88, "struct wd_comp_sess_setup.op_type": 12,
     "struct wd_comp_sess_setup.sched_param": 16, "struct wd_comp_sess_setup.mm_ops": 24,
     "struct wd_comp_sess_setup.mm_type": 80, "struct wd_mm_ops": 56,
-    "struct sched_params": 16, "struct sched_params.type": 4, "struct sched_params.end": 12,
+    "struct sched_params": 20, "struct sched_params.type": 4, "struct sched_params.end": 12,
+    "struct sched_params.dev_id": 16,
 }
+
+
+def test_declarations_match_an_installed_header():
+    """Where a uadk header exists, probe it (skips here and in CI: Debian 12 and 13 do not
+    package it; the layout above was checked once against the upstream header, see ``_ffi``)."""
+    check_optional_header(_ffi.ffi, "MULTIFD_UADK_HEADER", "/usr/include/uadk/wd_comp.h", "uadk")
 
 
 @pytest.mark.skipif(sys.maxsize <= 2**32 or sys.platform != "linux", reason="LP64 layout")

@@ -98,10 +98,13 @@ class QemuCapture:
                  registry: MethodRegistry | None = None,
                  handshake_timeout: float | None = None,
                  max_memory: int = DEFAULT_MAX_MEMORY,
+                 mapped_ram: str | os.PathLike[str] | None = None,
                  wait_first: float | None = None) -> None:
         if not 1 <= channels <= 255:
             raise CaptureError(f"--channels {channels} out of range 1..255")
         self.out_dir = Path(out_dir)
+        #: Write a mapped-ram file there instead of a capture directory (``--mapped-ram``).
+        self.mapped_ram = mapped_ram
         self.channels = channels
         self.registry = registry or default_registry()
         self.method_name = method
@@ -263,7 +266,8 @@ class QemuCapture:
         """Take one migration; return the manifest (also written to ``manifest.json``)."""
         if self.listener is None:
             self.listen()
-        output = FileOutput(self.out_dir)
+        output: Any = FileOutput(self.out_dir) if self.mapped_ram is None else \
+            _mapped_ram_output(self.mapped_ram)
         output.start()
         self.receiver = Receiver(self.method, channels=self.channels, page_size=self.page_size,
                                  uuid=self.expected_uuid or bytes(16), timeout=self.timeout)
@@ -396,6 +400,9 @@ class QemuCapture:
                         self.stats.ram_sections += 1
                     elif isinstance(ev, qs.MemSize):
                         self._wait_channels()
+                        if self.mapped_ram is not None:  # lay the file out first
+                            output.begin(reader.prologue, reader.ram_section_id, ev.blocks,
+                                         self.page_size)
                         self._allocate(output, ev, blocks)
                         receiver.set_blocks(blocks.values())
                     elif isinstance(ev, qs.Command):
@@ -480,32 +487,50 @@ class QemuCapture:
         stats = self.stats.as_dict()
         zpd = "legacy" if self.stats.main_zero_pages else (
             "multifd" if stats["zero_pages"] else "none or no zero pages")
-        extra = {
-            "format": MANIFEST_FORMAT,
-            "format_version": 1,
-            "machine": pro.machine,
-            "uuid": format_uuid(self.source_uuid or bytes(16)),
-            "configuration": {"capabilities": list(pro.capabilities),
-                              "uuid": format_uuid(pro.uuid) if pro.uuid else None,
-                              "target_page_bits": pro.target_page_bits},
-            "method": self.method_name,
-            "channels": self.channels,
-            "page_size": self.page_size,
-            "sync_mode": "per-section" if per_section else "per-round",
-            "return_path": return_path,
-            "switchover_start": switchover,
-            "zero_page_detection": zpd,
-            "ram_section_id": reader.ram_section_id,
-            "commands": [c.name for c in reader.commands],
-            "prefix": {"file": PREFIX_FILE, "length": len(pro.raw),
-                       "sha256": hashlib.sha256(pro.raw).hexdigest()},
-            "tail": {"file": TAIL_FILE, "offset": reader.tail_offset, "length": tail.length,
-                     "sha256": tail.sha256, "device_bytes": device_bytes},
-            "vmdesc": {"file": VMDESC_FILE, "length": len(vmdesc)},
-            "statistics": stats,
-        }
-        output.commit(digests, extra)
+        extra = manifest_fields(
+            pro, pro.raw, capabilities=pro.capabilities, page_size=self.page_size,
+            vmdesc_length=len(vmdesc),
+            tail={"offset": reader.tail_offset, "length": tail.length, "sha256": tail.sha256,
+                  "device_bytes": device_bytes},
+            uuid=format_uuid(self.source_uuid or bytes(16)), method=self.method_name,
+            channels=self.channels, sync_mode="per-section" if per_section else "per-round",
+            return_path=return_path, switchover_start=switchover, zero_page_detection=zpd,
+            ram_section_id=reader.ram_section_id, commands=[c.name for c in reader.commands],
+            statistics=stats)
+        where = output.commit(digests, extra)
+        if self.mapped_ram is not None:
+            return {"file": where, "blocks": [{"name": n, "length": b.used_length,
+                                               "sha256": digests[n]} for n, b in blocks.items()],
+                    **extra}
         return json.loads((self.out_dir / "manifest.json").read_text())
+
+
+def manifest_fields(pro: qs.Prologue, prefix: bytes, *, capabilities: tuple[str, ...],
+                    page_size: int, vmdesc_length: int, tail: dict[str, Any],
+                    **fields: Any) -> dict[str, Any]:
+    """A capture manifest's entries besides ``blocks``: what the prologue, ``prefix.bin``,
+    ``tail.bin`` and ``vmdesc.json`` say, plus the session's own ``fields`` (uuid, method,
+    channels, sync_mode, return_path, switchover_start, ...)."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": 1,
+        "machine": pro.machine,
+        "configuration": {"capabilities": list(capabilities),
+                          "uuid": format_uuid(pro.uuid) if pro.uuid else None,
+                          "target_page_bits": pro.target_page_bits},
+        "page_size": page_size,
+        **fields,
+        "prefix": {"file": PREFIX_FILE, "length": len(prefix),
+                   "sha256": hashlib.sha256(prefix).hexdigest()},
+        "tail": {"file": TAIL_FILE, **tail},
+        "vmdesc": {"file": VMDESC_FILE, "length": vmdesc_length},
+    }
+
+
+def _mapped_ram_output(path: str | os.PathLike[str]) -> Any:
+    from multifd_core.qemu.mappedfile import MappedRamOutput
+
+    return MappedRamOutput(path)
 
 
 def _opening_len(head: bytes) -> int:

@@ -14,9 +14,12 @@ import hashlib
 import json
 import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from multifd_core.errors import MultiFDError, TransportError
 from multifd_core.method import MethodOptions
@@ -41,6 +44,10 @@ class Capture:
     prefix: bytes
     tail: bytes
     blocks: list[RamBlock]
+    #: For a source that sends only some pages (a mapped-ram file): ``pages(i)`` yields
+    #: (first page, page numbers to send) slices of block ``i``; None sends every page.
+    pages: Callable[[int], Iterable[tuple[int, np.ndarray]]] | None = None
+    closer: Callable[[], None] | None = None
 
     @property
     def per_section(self) -> bool:
@@ -49,6 +56,8 @@ class Capture:
     def close(self) -> None:
         for b in self.blocks:
             b.close()
+        if self.closer is not None:
+            self.closer()
 
 
 def load_capture(path: str | Path, *, verify: bool = True) -> Capture:
@@ -140,8 +149,13 @@ def replay(capture: Capture, address: Address, *, channels: int, method: str = "
         sender = Sender(meth, socks[1:], page_size=page_size, uuid=uuid, timeout=timeout)
         send_main(qs.ram_start_section(sid, infos, flush=flush))
         sender.sync()  # pairs with the START FLUSH (or EOS): no page before load setup
-        for block in capture.blocks:
-            sender.queue_pages(block)
+        for i, block in enumerate(capture.blocks):
+            if capture.pages is None:
+                sender.queue_pages(block)
+                continue
+            for _, index in capture.pages(i):
+                if len(index):
+                    sender.queue_pages(block, index)
         sender.sync()  # pairs with the END FLUSH (or EOS)
         if switchover_start:
             send_main(qs.encode_command(qs.CMD_SWITCHOVER_START))

@@ -6,6 +6,11 @@ and, once the RAM END section is over, the device tail as raw chunks. Device sec
 length, so the tail is never parsed: it is kept verbatim (it ends with ``00`` and the
 ``06 len JSON`` vmdesc). The ``encode_*`` functions write the same format for a replay source.
 Every integer is big-endian.
+
+A stream with the ``mapped-ram`` capability (a ``migrate file:`` save) is read from a file: each
+block of the list is followed by a mapped-ram header (``MappedBlock`` event) and the stream goes
+on after that block's pages region, so the reader jumps there; its driver reads the file from
+``feed_offset`` (see ``multifd_core.qemu.mappedram`` and docs/mapped-ram.md).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multifd_core.errors import MultiFDError
+from multifd_core.qemu import mappedram as mr
 
 MAGIC = 0x5145564D  # "QEVM"
 VERSION = 3
@@ -136,6 +142,16 @@ class MemSize:
 
 
 @dataclass(frozen=True)
+class MappedBlock:
+    """A block of a mapped-ram stream: its entry in the list and its mapped-ram header (at
+    ``header_offset`` in the file), checked against the file."""
+
+    info: BlockInfo
+    header: mr.MappedRamHeader
+    header_offset: int
+
+
+@dataclass(frozen=True)
 class RamPage:
     """A ZERO (``data`` None) or PAGE record on the main channel."""
 
@@ -174,8 +190,8 @@ class TailData:
     data: bytes = field(repr=False)
 
 
-Event = (Prologue | Command | SectionHeader | MemSize | RamPage | Flush | Eos | SectionFooter
-         | TailData)
+Event = (Prologue | Command | SectionHeader | MemSize | MappedBlock | RamPage | Flush | Eos
+         | SectionFooter | TailData)
 
 
 # --------------------------------------------------------------------------- reader
@@ -187,10 +203,25 @@ class MainStreamReader:
     ``feed(data)`` buffers bytes; ``events()`` yields every event the buffer completes.
     ``close()`` at end of input checks that the stream ended inside the tail, after the EOF
     marker (with or without the vmdesc); it returns the tail's total length.
+
+    A mapped-ram stream needs ``file_size`` (the file's size, to check the offsets) and
+    ``file_offset`` (where the stream starts in the file: ``file:PATH,offset=N``); without
+    ``file_size`` (a socket) the capability is refused. The bytes fed must start at stream
+    offset ``feed_offset``, which jumps forward after each mapped-ram block.
     """
 
-    def __init__(self, *, page_size: int = 4096) -> None:
+    def __init__(self, *, page_size: int = 4096, file_offset: int = 0,
+                 file_size: int | None = None) -> None:
         self.page_size = page_size
+        self.file_offset = file_offset
+        self.file_size = file_size
+        self.mapped_ram = False
+        self.mapped_blocks: list[MappedBlock] = []
+        self._mem_total = 0
+        self._mem_seen = 0
+        self._mem_list: list[BlockInfo] = []
+        self._mem_names: set[str] = set()
+        self._pending: Event | None = None
         self._buf = bytearray()
         self._pos = 0
         self._base = 0  # stream offset of _buf[0]
@@ -215,6 +246,11 @@ class MainStreamReader:
     def offset(self) -> int:
         """Stream offset of the next unparsed byte."""
         return self._base + self._pos
+
+    @property
+    def feed_offset(self) -> int:
+        """Stream offset of the next byte ``feed`` expects (file offset minus ``file_offset``)."""
+        return self._base + len(self._buf)
 
     @property
     def in_tail(self) -> bool:
@@ -250,6 +286,9 @@ class MainStreamReader:
                 return
             if ev is not None:
                 yield ev
+            if self._pending is not None:
+                ev, self._pending = self._pending, None
+                yield ev
 
     def close(self) -> int:
         """End of input: the stream must be inside the tail and the tail must end well."""
@@ -257,7 +296,7 @@ class MainStreamReader:
         if self._state != "tail":
             where = {"header": "the file header", "config": "the configuration section",
                      "top": "a section header", "ram": "a RAM section record",
-                     "footer": "a section footer"}[self._state]
+                     "blocks": "the RAM block list", "footer": "a section footer"}[self._state]
             raise StreamError(f"main stream ended early, in {where}"
                               + ("" if self.ram_end_seen else ", before the RAM END section"),
                               offset=self.offset)
@@ -316,6 +355,8 @@ class MainStreamReader:
             return self._top()
         if state == "ram":
             return self._ram_record()
+        if state == "blocks":
+            return self._block_entry()
         if state == "footer":
             return self._footer()
         raise AssertionError(state)
@@ -371,6 +412,11 @@ class MainStreamReader:
         self._state = "top"
         self.prologue = Prologue(machine, caps, uuid, page_bits,
                                  bytes(self._buf[: self._pos]) if self._base == 0 else b"")
+        if mr.CAPABILITY in caps:
+            if self.file_size is None:
+                raise self._error("a mapped-ram stream (capability mapped-ram) on a socket: "
+                                  "its pages live in a file; read the file instead", start)
+            self.mapped_ram = True
         return self.prologue
 
     def _top(self) -> Event | None:
@@ -455,10 +501,15 @@ class MainStreamReader:
             self.flushes += 1
             return Flush(sec.section_id)
         if flags == FLAG_MEM_SIZE:
-            if sec.kind != SECTION_START or self.blocks:
+            if sec.kind != SECTION_START or self.blocks or self._mem_list:
                 raise self._error("MEM_SIZE record outside the RAM START section", start)
-            return self._mem_size(addr, start)
+            self._mem_total = addr
+            self._state = "blocks"
+            return self._mem_size() if addr == 0 else None
         base = flags & ~FLAG_CONTINUE
+        if base in (FLAG_ZERO, FLAG_PAGE) and self.mapped_ram:
+            raise self._error(f"a page record (flags {flags:#x}) in a mapped-ram stream, whose "
+                              "pages are in the file's pages regions", start)
         if base in (FLAG_ZERO, FLAG_PAGE):
             if flags & FLAG_CONTINUE:
                 if self._last_block is None:
@@ -485,33 +536,55 @@ class MainStreamReader:
         raise self._error(f"Unknown combination of migration flags: {flags:#x}"
                           + (f" ({what} are not supported)" if what else ""), start)
 
-    def _mem_size(self, total: int, start: int) -> MemSize:
+    def _block_entry(self) -> MemSize | MappedBlock | None:
+        """One entry of the MEM_SIZE block list (name, length[, addr][, mapped-ram header])."""
+        start = self._pos
+        total = self._mem_total
+        seen = self._mem_seen
         with_addr = "x-ignore-shared" in (self.prologue.capabilities if self.prologue else ())
-        blocks: list[BlockInfo] = []
-        names: set[str] = set()
-        seen = 0
-        while seen < total:
-            if len(blocks) >= MAX_RAM_BLOCKS:
-                raise self._error(f"MEM_SIZE lists more than {MAX_RAM_BLOCKS} ramblocks", start)
-            name = self._str8()
-            if not name:
-                raise self._error('Unknown ramblock "" in the MEM_SIZE list (total '
-                                  f"{total:#x}, listed so far {seen:#x})", start)
-            length = self._be(_BE64)
-            addr = self._be(_BE64) if with_addr else None
-            if length % self.page_size:
-                raise self._error(f"ramblock {name} length {length:#x} is not a multiple of "
-                                  f"the page size", start)
-            if name in names:
-                raise self._error(f"ramblock {name} listed twice", start)
-            names.add(name)
-            blocks.append(BlockInfo(name, length, None, addr))
-            seen += length
-        if seen != total:
-            raise self._error(f"MEM_SIZE block lengths sum to {seen:#x}, expected the listed "
-                              f"total {total:#x}", start)
-        self.blocks = {b.name: b for b in blocks}
-        return MemSize(total, tuple(blocks))
+        if len(self._mem_list) >= MAX_RAM_BLOCKS:
+            raise self._error(f"MEM_SIZE lists more than {MAX_RAM_BLOCKS} ramblocks", start)
+        name = self._str8()
+        if not name:
+            raise self._error('Unknown ramblock "" in the MEM_SIZE list (total '
+                              f"{total:#x}, listed so far {seen:#x}: a block is missing)", start)
+        length = self._be(_BE64)
+        addr = self._be(_BE64) if with_addr else None
+        if length % self.page_size:
+            raise self._error(f"ramblock {name} length {length:#x} is not a multiple of "
+                              f"the page size", start)
+        if name in self._mem_names:
+            raise self._error(f"ramblock {name} listed twice", start)
+        if seen + length > total:
+            raise self._error(f"MEM_SIZE block lengths sum to {seen + length:#x}, expected the "
+                              f"listed total {total:#x}", start)
+        info = BlockInfo(name, length, None, addr)
+        event: MemSize | MappedBlock | None = None
+        if self.mapped_ram:
+            at = self.file_offset + self._base + self._pos
+            header = mr.MappedRamHeader.decode(self._take(mr.HEADER_SIZE))
+            header.validate(name, length, page_size=self.page_size, header_offset=at,
+                            file_size=self.file_size)
+            event = MappedBlock(info, header, at)
+            self.mapped_blocks.append(event)
+            # The stream goes on after the pages region: drop what was read ahead.
+            self._buf = bytearray()
+            self._pos = 0
+            self._base = header.end(length) - self.file_offset
+        self._mem_list.append(info)
+        self._mem_names.add(name)
+        self._mem_seen += length
+        if self._mem_seen == total:
+            mem = self._mem_size()
+            if event is None:
+                return mem
+            self._pending = mem
+        return event
+
+    def _mem_size(self) -> MemSize:
+        self.blocks = {b.name: b for b in self._mem_list}
+        self._state = "ram"
+        return MemSize(self._mem_total, tuple(self._mem_list))
 
     def _footer(self) -> SectionFooter:
         start = self._pos
@@ -529,6 +602,18 @@ class MainStreamReader:
             self.ram_end_seen = True
         self._state = "top"
         return SectionFooter(sec.kind, section_id, sec.idstr)
+
+
+def parse_prologue(raw: bytes) -> Prologue:
+    """The prologue of a stream that holds only the header and configuration section (a
+    capture's prefix.bin): the section after it is implied, so the subsection list ends."""
+    reader = MainStreamReader(file_size=len(raw) + 1)  # a file's or a socket's, alike here
+    reader.feed(raw + bytes([EOF]))
+    for ev in reader.events():
+        if isinstance(ev, Prologue) and len(ev.raw) == len(raw):
+            return ev
+    raise StreamError(f"{len(raw)} bytes of prefix hold no whole header and configuration "
+                      "section")
 
 
 # --------------------------------------------------------------------------- tail helpers
@@ -650,15 +735,27 @@ def encode_header() -> bytes:
 
 
 def encode_configuration(machine: str, *, capabilities: tuple[str, ...] = (),
-                         uuid: bytes | None = None) -> bytes:
+                         uuid: bytes | None = None, target_page_bits: int | None = None) -> bytes:
+    """The configuration section; its subsections in QEMU's order (target-page-bits,
+    capabilities, uuid), each only when it has something to say."""
     raw = machine.encode()
     out = bytes([CONFIGURATION]) + _BE32.pack(len(raw)) + raw
+    if target_page_bits is not None:
+        out += _subsection("configuration/target-page-bits", _BE32.pack(target_page_bits))
     if capabilities:
         body = _BE32.pack(len(capabilities)) + b"".join(_str8(c) for c in capabilities)
         out += _subsection("configuration/capabilities", body)
     if uuid is not None:
         out += _subsection("configuration/uuid", uuid)
     return out
+
+
+def encode_prologue(prologue: Prologue, capabilities: tuple[str, ...]) -> bytes:
+    """File header and configuration of ``prologue`` with ``capabilities`` instead of its own
+    (a mapped-ram file validates ``mapped-ram``; a socket destination must not see it)."""
+    return encode_header() + encode_configuration(
+        prologue.machine, capabilities=capabilities, uuid=prologue.uuid,
+        target_page_bits=prologue.target_page_bits)
 
 
 def _subsection(name: str, body: bytes) -> bytes:
@@ -692,12 +789,14 @@ def encode_footer(section_id: int) -> bytes:
 
 def encode_mem_size(blocks: list[BlockInfo] | tuple[BlockInfo, ...]) -> bytes:
     total = sum(b.length for b in blocks)
-    out = [_BE64.pack(total | FLAG_MEM_SIZE)]
-    for b in blocks:
-        out.append(_str8(b.name) + _BE64.pack(b.length))
-        if b.addr is not None:
-            out.append(_BE64.pack(b.addr))
-    return b"".join(out)
+    return _BE64.pack(total | FLAG_MEM_SIZE) + b"".join(encode_block_entry(b) for b in blocks)
+
+
+def encode_block_entry(block: BlockInfo) -> bytes:
+    """One entry of the MEM_SIZE list: name, length[, address] (a mapped-ram header follows
+    in a mapped-ram stream)."""
+    return (_str8(block.name) + _BE64.pack(block.length)
+            + (b"" if block.addr is None else _BE64.pack(block.addr)))
 
 
 def encode_flag(flag: int) -> bytes:
@@ -738,3 +837,44 @@ def pong(value: bytes) -> bytes:
 
 def shut(status: int = 0) -> bytes:
     return encode_return_path(RP_SHUT, _BE32.pack(status))
+
+
+@dataclass(frozen=True)
+class MappedRamLayout:
+    """Where everything of a mapped-ram file goes: ``pieces`` are (file offset, bytes) of the
+    main stream (up to and including each block's mapped-ram header), ``headers`` the blocks'
+    mapped-ram headers and ``trailer_offset`` where the stream goes on after the last pages
+    region."""
+
+    pieces: tuple[tuple[int, bytes], ...]
+    headers: tuple[mr.MappedRamHeader, ...]
+    trailer_offset: int
+
+
+def mapped_ram_layout(prologue: bytes, section_id: int,
+                      blocks: list[BlockInfo] | tuple[BlockInfo, ...], *, page_size: int,
+                      file_offset: int = 0) -> MappedRamLayout:
+    """QEMU's layout of a mapped-ram file whose stream starts with ``prologue`` (header and
+    configuration, with the mapped-ram capability) at ``file_offset``: RAM START, MEM_SIZE,
+    then for each block its entry and header, its bitmap, and its pages at the next 1 MiB."""
+    total = sum(b.length for b in blocks)
+    head = prologue + encode_section_start(section_id) + _BE64.pack(total | FLAG_MEM_SIZE)
+    pieces = [(file_offset, head)]
+    headers = []
+    pos = file_offset + len(head)
+    for b in blocks:
+        entry = encode_block_entry(b)
+        header = mr.MappedRamHeader.layout(pos + len(entry), b.length, page_size)
+        pieces.append((pos, entry + header.encode()))
+        headers.append(header)
+        pos = header.end(b.length)
+    return MappedRamLayout(tuple(pieces), tuple(headers), pos)
+
+
+def mapped_ram_trailer(section_id: int, tail: bytes, *, switchover_start: bool) -> bytes:
+    """What follows the last pages region: the RAM START's EOS and footer, [SWITCHOVER_START,]
+    the RAM END section (EOS, no MULTIFD_FLUSH: mapped-ram streams carry none) and the device
+    tail."""
+    return (encode_flag(FLAG_EOS) + encode_footer(section_id)
+            + (encode_command(CMD_SWITCHOVER_START) if switchover_start else b"")
+            + ram_end_section(section_id, flush=False) + tail)

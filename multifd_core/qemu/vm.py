@@ -186,6 +186,25 @@ class QemuVM:
             params[f"multifd-{compression}-level"] = level
         self.qmp.execute("migrate-set-parameters", params)
 
+    def set_mapped_ram(self, *, channels: int | None = None, direct_io: bool = False,
+                       events: bool = True) -> None:
+        """Capabilities for a mapped-ram file migration (``file:PATH``, either end): mapped-ram,
+        plus multifd with ``channels`` unless None; ``direct_io`` needs multifd."""
+        assert self.qmp is not None
+        caps = [{"capability": "mapped-ram", "state": True}]
+        if channels is not None:
+            caps.append({"capability": "multifd", "state": True})
+        if events:
+            caps.append({"capability": "events", "state": True})
+        self.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+        params: dict[str, Any] = {}
+        if channels is not None:
+            params["multifd-channels"] = channels
+        if direct_io:
+            params["direct-io"] = True
+        if params:
+            self.qmp.execute("migrate-set-parameters", params)
+
     def migrate_incoming(self, uri: str) -> None:
         assert self.qmp is not None
         self.qmp.execute("migrate-incoming", {"uri": uri, "exit-on-error": False})

@@ -19,7 +19,7 @@ from typing import Any
 
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
-from multifd_core.native import filter_stderr, quiet_stderr, software_forced
+from multifd_core.native import ENGINE_SWITCH_VALUES, filter_stderr, quiet_stderr
 from multifd_core.wire import PACKET_SIZE
 from multifd_qatzip import _ffi, device, gzipqz
 
@@ -140,14 +140,28 @@ def _hw_count(lib: Any, sess: Any) -> int:
     return int(status.qat_hw_count) if lib.qzGetStatus(sess, status) == 0 else 0
 
 
+#: What ``$MULTIFD_QATZIP_ENGINE`` may say: the plugins' common switch, and ``libqatzip``.
+ENGINE_VALUES = (*ENGINE_SWITCH_VALUES, LIBRARY_ENGINE)
+
+
+def engine_switch() -> str:
+    """``$MULTIFD_QATZIP_ENGINE``, checked: a typo is an error naming the valid values."""
+    raw = os.environ.get(ENV_ENGINE, "")
+    value = raw.strip().lower()
+    if value not in ("", *ENGINE_VALUES):
+        raise MultiFDError(f"{ENV_ENGINE}={raw!r} is not a valid value: use "
+                           f"{' or '.join(ENGINE_VALUES)} (or leave it unset)")
+    return value
+
+
 def forced_software() -> bool:
     """``$MULTIFD_QATZIP_ENGINE=software``: this endpoint uses only the software engine."""
-    return software_forced(ENV_ENGINE)
+    return engine_switch() == "software"
 
 
 def library_requested() -> bool:
     """``$MULTIFD_QATZIP_ENGINE=libqatzip``: prefer libqatzip even without a QAT device."""
-    return os.environ.get(ENV_ENGINE, "").strip().lower() == LIBRARY_ENGINE
+    return engine_switch() == LIBRARY_ENGINE
 
 
 @functools.cache
@@ -198,7 +212,7 @@ def engine_infos() -> list[EngineInfo]:
         if forced:
             reason = f"forced off by {ENV_ENGINE}=software ({reason})"
         lib_info = EngineInfo(LIBRARY_ENGINE, "hardware" if hardware else "software",
-                              not forced, reason, opened.path, opened.version, path="native")
+                              not forced, reason, opened.path, opened.version_label, path="native")
     first = lib_info.available and (lib_info.kind == "hardware" or library_requested())
     why = f"forced by {ENV_ENGINE}=software" if forced else \
         ("in use: libqatzip is not loadable" if not lib_info.available else

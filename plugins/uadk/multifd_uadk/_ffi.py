@@ -5,7 +5,10 @@ They follow Linaro/uadk ``include/wd_comp.h``, ``wd_alg_common.h``, ``wd_sched.h
 is declared in its newest form (with ``mm_ops`` and ``mm_type``, UADK >= 2.9): the caller
 allocates it zeroed, and a zeroed tail is what an older library ignores and a newer one
 reads as its defaults (UADK_MEM_AUTO), so one declaration serves both. ``struct
-sched_params`` is allocated with zeroed spare room for the same reason. Tests compare sizeof
+sched_params`` is declared in its newest form too (``dev_id``, added in November 2025) and
+allocated with zeroed spare room for the same reason. No UADK header is packaged in Debian 12
+or 13; the layout was probed once against Linaro/uadk 97d643e (2026-05) with
+``multifd_core.layout`` and is kept transcribed in the tests. Tests compare sizeof
 and offsets with the headers' layout.
 """
 
@@ -64,6 +67,7 @@ struct sched_params {
     __u8 mode;
     __u32 begin;
     __u32 end;
+    __u32 dev_id;
 };
 
 struct wd_comp_req {
