@@ -145,6 +145,13 @@ def test_libqatzip_is_the_default_when_asked_for(monkeypatch):
     assert method().engine == "libqatzip"
 
 
+def test_engine_switch_values_are_checked(monkeypatch):
+    monkeypatch.setenv(engines.ENV_ENGINE, "libqatzp")
+    with pytest.raises(MultiFDError, match="MULTIFD_QATZIP_ENGINE='libqatzp' is not a valid "
+                                           "value: use auto or software or libqatzip"):
+        Qatzip.engines()
+
+
 def test_qat_devices_found_by_node_or_vfio_binding(tmp_path):
     """/dev/qat_* nodes, and QAT virtual functions bound to vfio-pci (not other drivers,
     not other Intel devices) count as devices."""
