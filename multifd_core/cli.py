@@ -73,14 +73,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"multifd: error: {message} (see: {self.prog} --help)\n")
 
 
-def channel_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a channel count: {text!r}") from None
-    if not 1 <= value <= 255:
-        raise argparse.ArgumentTypeError(f"{value} out of range 1..255")
-    return value
+def int_range(what: str, low: int, high: int) -> Any:
+    """An argparse type: an int from ``low`` to ``high`` (``what`` names it in errors)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} out of range {low}..{high}")
+        return value
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
+
+
+channel_count = int_range("channel count", 1, 255)
 
 
 def seconds(text: str) -> float:

@@ -9,6 +9,7 @@ import sys
 import uuid as uuidlib
 from typing import Any
 
+from multifd_core.cli import add_wait_first, channel_count, int_range, seconds
 from multifd_core.errors import MultiFDError, UsageError
 from multifd_core.limits import DEFAULT_MAX_MEMORY
 from multifd_core.transport import parse_address
@@ -28,8 +29,6 @@ def add_qemu_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``qemu`` command group with ``capture`` and ``replay``."""
     q = subparsers.add_parser("qemu", help="interoperate with a real QEMU 10.0 migration")
     qsub = q.add_subparsers(dest="qemu_command", required=True)
-
-    from multifd_core.cli import add_wait_first, channel_count, seconds
 
     c = qsub.add_parser("capture", help="be the destination of a QEMU multifd migration and "
                                         "save its RAM blocks and device state",
@@ -132,14 +131,7 @@ def _offset(text: str) -> int:
     return value
 
 
-def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a thread count: {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"--threads {value} out of range 1..64")
-    return value
+_threads = int_range("thread count", 1, 64)
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
