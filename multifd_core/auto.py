@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.cpus import usable_cpus
 from multifd_core.errors import MultiFDError
 from multifd_core.harness import MethodHarness
 from multifd_core.method import MethodOptions
@@ -202,9 +203,10 @@ def choose_method(blocks: Sequence[RamBlock], registry: MethodRegistry, channels
     Predictions within ``tie`` (a fraction) of the best are a tie, won by the earliest
     candidate (registry order: ``none`` first), so sampling noise does not flip the choice;
     candidates that do not compress are never preferred to ``none``. ``cores``: the cores
-    each endpoint can use (default: all of this machine's; a fraction when shared)."""
+    each endpoint can use (default: those this process may use, ``cpus.usable_cpus``: its
+    affinity mask capped by a cgroup quota; a fraction when shared)."""
     started = time.perf_counter()
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cpus()
     sample = take_sample(blocks, packets)
     rows: list[Prediction] = []
     skipped: dict[str, str] = {}

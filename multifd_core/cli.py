@@ -1,42 +1,155 @@
-"""The ``multifd`` command line: methods, send, recv, demo, and the qemu and bench groups."""
+"""The ``multifd`` command line: methods, send, recv, demo, and the qemu and bench groups.
+
+Output: results on stdout; on stderr only what multifd itself says (errors as one line,
+``-v`` logs, the progress line on a terminal). Exit status: 0 done, 1 failed, 2 usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
-import threading
-import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from multifd_core import __version__
-from multifd_core.errors import MultiFDError
-from multifd_core.ram import RamBlock
-from multifd_core.registry import MethodRegistry, default_registry
-from multifd_core.session import (
-    DEFAULT_MAX_MEMORY,
-    DEFAULT_MAX_RAM,
-    FileOutput,
-    ReceiveSession,
-    send_session,
-)
-from multifd_core.transport import (
-    client_context,
-    is_loopback,
-    listen,
-    parse_address,
-    server_context,
-)
+from multifd_core.errors import MultiFDError, UsageError
 from multifd_core.units import parse_size
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
+ENVIRONMENT = """\
+environment:
+  MULTIFD_PLUGINS=a,b        load only these plugins (empty: none; -name: all but name)
+  MULTIFD_STRICT_PLUGINS=1   a plugin that fails to load is an error, not a report
+  MULTIFD_CACHE=DIR          where demo and bench keep their image (default: ~/.cache/multifd)
+  MULTIFD_QPL_ENGINE=software, MULTIFD_UADK_ENGINE=software
+                             use only that method's software engine on this end
+  MULTIFD_QATZIP_ENGINE=software|libqatzip
+                             qatzip: only the software engine, or libqatzip even without a QAT
+                             device (its default only with one)
+  MULTIFD_QPL_LIBRARY, MULTIFD_UADK_LIBRARY, MULTIFD_QATZIP_LIBRARY, MULTIFD_LZ4_LIBRARY=PATH
+                             the vendor library a plugin loads (default: the system's)
+  MULTIFD_PAGECODEC=off      qpl/uadk software engines: the Python per-page loop, not the C helper
+  MULTIFD_QEMU=PATH          the QEMU binary of the tests and bench (default: qemu-system-x86_64)
 
-def _methods_report(registry: MethodRegistry) -> dict[str, Any]:
+Add -v (or -vv) before or after a command for logs: negotiation, engines, channels, rounds,
+per-channel statistics, phase timings.
+"""
+
+log = logging.getLogger("multifd.cli")
+
+
+# --------------------------------------------------------------------------- argparse setup
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help with each option's default appended, unless its text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, argparse.SUPPRESS)
+                or not action.option_strings or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class TopHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The top-level help: its description and the environment list as written."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line and exit 2, like ``UsageError``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"multifd: error: {message} (see: {self.prog} --help)\n")
+
+
+def int_range(what: str, low: int, high: int) -> Any:
+    """An argparse type: an int from ``low`` to ``high`` (``what`` names it in errors)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} out of range {low}..{high}")
+        return value
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
+
+
+channel_count = int_range("channel count", 1, 255)
+
+
+def seconds(text: str) -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    return value
+
+
+def wait_seconds(text: str) -> float:
+    """Seconds to wait; ``0``, ``inf`` or ``forever``: as long as it takes."""
+    if text.strip().lower() in ("inf", "forever", "0"):
+        return math.inf
+    return seconds(text)
+
+
+def address(text: str) -> Any:
+    from multifd_core.transport import parse_address
+
+    try:
+        return parse_address(text)
+    except MultiFDError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress line on stderr: phase, percent, rate, ETA (default: on "
+                        "when stderr is a terminal and --json is not given)")
+
+
+def add_wait_first(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--wait-first", type=wait_seconds, default=60.0, metavar="SECONDS",
+                   help=f"how long to wait for {what}; 0 or inf: as long as it takes, as "
+                        "QEMU's -incoming; once it is in, --timeout applies (default: 60)")
+
+
+def _add_verbose(parser: argparse.ArgumentParser, seen: set[int] | None = None) -> None:
+    """``-v`` on every command, counted with the one before the command."""
+    seen = set() if seen is None else seen
+    if id(parser) in seen:
+        return
+    seen.add(id(parser))
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for sub in subs:
+        for child in sub.choices.values():
+            _add_verbose(child, seen)
+    if not subs and not any("-v" in a.option_strings for a in parser._actions):
+        parser.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_sub",
+                            help="log details to stderr (-vv: debug)")
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _methods_report(registry: Any) -> dict[str, Any]:
     methods = []
     for e in registry.entries():
         engines = [eng.as_dict() for eng in e.cls.engines()]
@@ -49,10 +162,13 @@ def _methods_report(registry: MethodRegistry) -> dict[str, Any]:
                                                 "default": lv.default},
             "description": e.cls.description,
         })
-    return {"methods": methods, "failed": [f.as_dict() for f in registry.failed]}
+    return {"methods": methods, "failed": [f.as_dict() for f in registry.failed],
+            "excluded": dict(registry.excluded)}
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    from multifd_core.registry import default_registry
+
     report = _methods_report(default_registry())
     if args.json:
         print(json.dumps(report, indent=2))
@@ -67,14 +183,22 @@ def cmd_methods(args: argparse.Namespace) -> int:
         for e in m["engines"]:
             where = f" [{e['library']}" + (f" {e['library_version']}" if e.get(
                 "library_version") else "") + "]" if e.get("library") else ""
+            path = f", {e['path']}" if e.get("path") else ""
             state = "ok" if e["available"] else f"off: {e['reason']}"
-            print(f"    engine {e['name']} ({e['kind']}){where}: {state}")
+            print(f"    engine {e['name']} ({e['kind']}{path}){where}: {state}")
     for f in report["failed"]:
         print(f"failed plugin {f['plugin']} ({f['distribution']}): {f['error']}")
+    for name, dist in report["excluded"].items():
+        print(f"excluded plugin {name} ({dist}): by MULTIFD_PLUGINS")
     return 0
 
 
-def _parse_sources(items: Sequence[str], page_size: int) -> list[RamBlock]:
+# --------------------------------------------------------------------------- send and recv
+
+
+def _parse_sources(items: Sequence[str], page_size: int) -> list[Any]:
+    from multifd_core.ram import RamBlock
+
     blocks = []
     for item in items:
         name, sep, path = item.partition("=")
@@ -84,53 +208,55 @@ def _parse_sources(items: Sequence[str], page_size: int) -> list[RamBlock]:
     return blocks
 
 
-class Progress:
-    """A one-line progress bar with throughput on a terminal (stderr)."""
+def _progress(args: argparse.Namespace, label: str) -> Any:
+    from multifd_core.progress import Progress
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = total
-        self.enabled = enabled
-        self.sender: Any = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    enabled = args.progress if args.progress is not None else (
+        sys.stderr.isatty() and not args.json)
+    return Progress(label, enabled=enabled)
 
-    def attach(self, sender: Any) -> None:
-        self.sender = sender
-        if self.enabled:
-            self._thread.start()
 
-    def _run(self) -> None:
-        start = time.perf_counter()
-        while not self._stop.wait(0.2):
-            st = self.sender.stats
-            done = (st.normal_pages + st.zero_pages) * self.sender.page_size
-            rate = done / max(time.perf_counter() - start, 1e-6)
-            frac = min(done / self.total, 1.0) if self.total else 1.0
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r[{bar:<30}] {frac * 100:5.1f}%  {done / 2**20:9.1f} MiB  "
-                             f"{rate / 1e9:6.2f} GB/s")
-            sys.stderr.flush()
+def _check_method(args: argparse.Namespace, page_size: int) -> None:
+    """A forced method, its level and engine are usable here (else a usage error)."""
+    from multifd_core.method import MethodOptions
+    from multifd_core.registry import default_registry
 
-    def close(self) -> None:
-        if self.enabled and self._thread.is_alive():
-            self._stop.set()
-            self._thread.join()
-            sys.stderr.write("\n")
+    if args.compression in (None, "auto"):
+        return
+    try:
+        default_registry().create(args.compression, MethodOptions(
+            page_size=page_size, level=getattr(args, "level", None), engine=args.engine))
+    except MultiFDError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from multifd_core.session import send_session
+    from multifd_core.wire import check_page_size
+
     if len(args.items) < 2:
-        raise MultiFDError("send needs at least one [NAME=]FILE and an address")
-    *sources, address = args.items
-    addr = parse_address(address)
+        raise UsageError("send needs at least one [NAME=]FILE and an address")
+    *sources, last = args.items
+    try:
+        addr = address(last)
+        check_page_size(args.page_size)
+    except (argparse.ArgumentTypeError, MultiFDError) as exc:
+        raise UsageError(str(exc)) from None
+    _check_method(args, args.page_size)
     blocks = _parse_sources(sources, args.page_size)
-    total = sum(b.used_length for b in blocks)
-    progress = Progress(total, enabled=sys.stderr.isatty() and not args.json)
+    progress = _progress(args, "send")
+    progress.measure(sum(b.used_length for b in blocks), lambda: 0)
+
+    def attach(sender: Any) -> None:
+        progress.measure(progress.total, lambda: (
+            sender.stats.normal_pages + sender.stats.zero_pages) * sender.page_size)
+
     try:
         stats = send_session(blocks, addr, method=args.compression, channels=args.channels,
                              level=args.level, engine=args.engine, timeout=args.timeout,
-                             connect_timeout=args.connect_timeout, on_sender=progress.attach,
-                             tls=_client_tls(args), tls_hostname=args.tls_hostname)
+                             connect_timeout=args.connect_timeout, on_sender=attach,
+                             tls=_client_tls(args), tls_hostname=args.tls_hostname,
+                             on_phase=progress.phase)
     finally:
         progress.close()
     _print_summary(stats.as_dict(), args.json)
@@ -138,47 +264,62 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _client_tls(args: argparse.Namespace) -> Any:
+    from multifd_core.transport import client_context
+
     if not (args.tls_ca or args.tls_cert):
         return None
     return client_context(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def _server_tls(args: argparse.Namespace) -> Any:
+    from multifd_core.transport import server_context
+
     if not args.tls_cert:
         if args.tls_key or args.tls_ca or args.tls_verify_peer:
-            raise MultiFDError("TLS on recv needs --tls-cert (and --tls-key unless the "
-                               "certificate file holds the key)")
+            raise UsageError("TLS on recv needs --tls-cert (and --tls-key unless the "
+                             "certificate file holds the key)")
         return None
     return server_context(args.tls_cert, args.tls_key, args.tls_ca,
                           verify_peer=args.tls_verify_peer)
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    addr = parse_address(args.listen)
+    from multifd_core.session import FileOutput, ReceiveSession
+    from multifd_core.transport import is_loopback, listen
+
+    addr = args.listen
     if addr.kind == "tcp" and not is_loopback(addr.host) and not args.allow_remote:
-        raise MultiFDError(f"refusing to listen on {addr.host}: recv listens on loopback unless "
-                           "--allow-remote is given")
-    if not 1 <= args.max_channels <= 255:
-        raise MultiFDError(f"--max-channels {args.max_channels} out of range 1..255")
+        raise UsageError(f"refusing to listen on {addr.host}: recv listens on loopback unless "
+                         "--allow-remote is given")
     tls = _server_tls(args)
     listener = listen(addr)
     out = FileOutput(args.out, preallocate=not args.sparse)
     out.start()  # an earlier run's manifest.json goes first: this run may fail
+    log.info("listening on %s; waiting for a sender %s", addr,
+             "as long as it takes" if math.isinf(args.wait_first)
+             else f"up to {args.wait_first:g} s")
+    progress = _progress(args, "recv")
     ok = False
 
     def commit(stats: Any) -> None:
         out.commit(stats.digests, {"method": stats.method, "page_size": stats.page_size,
                                    "statistics": stats.as_dict()})
 
+    def attach(receiver: Any, hello: Any) -> None:
+        progress.measure(sum(length for _, length in hello.blocks), lambda: sum(
+            st.normal_pages + st.zero_pages for st in receiver.stats) * hello.page_size)
+
     try:
         session = ReceiveSession(listener, out.allocate, method=args.compression,
                                  timeout=args.timeout, max_channels=args.max_channels,
                                  max_ram=args.max_ram, tls=tls, on_verified=commit,
                                  max_memory=args.max_memory, reserve=out.reserve,
-                                 engine=args.engine)
+                                 engine=args.engine, wait_first=args.wait_first,
+                                 on_phase=progress.phase, on_receiver=attach)
         stats = session.serve()
         ok = True
     finally:
+        progress.close()
         if ok or args.keep_partial:
             out.close()
         else:
@@ -197,11 +338,12 @@ def _add_tls(p: argparse.ArgumentParser, server: bool) -> None:
     g = p.add_argument_group("TLS (main and multifd channels, as QEMU's tls-creds)")
     g.add_argument("--tls-cert", metavar="PEM",
                    help="this end's certificate (required on recv for TLS; on send, presented "
-                        "for mutual authentication)")
-    g.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+                        "for mutual authentication; default: none, no TLS)")
+    g.add_argument("--tls-key", metavar="PEM",
+                   help="the certificate's private key (default: in the --tls-cert file)")
     g.add_argument("--tls-ca", metavar="PEM",
                    help="CA certificate(s) that sign the peer's certificate" +
-                        ("" if server else "; enables TLS on send"))
+                        ("" if server else "; enables TLS on send") + " (default: none)")
     if server:
         g.add_argument("--tls-verify-peer", action="store_true",
                        help="require a client certificate signed by --tls-ca")
@@ -211,6 +353,8 @@ def _add_tls(p: argparse.ArgumentParser, server: bool) -> None:
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    from multifd_core.report import side_text
+
     if as_json:
         print(json.dumps(summary))
         return
@@ -220,6 +364,9 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
           f"{summary['wire_bytes'] / 2**20:.1f} MiB, {summary['normal_pages']} normal + "
           f"{summary['zero_pages']} zero pages, ratio {summary['compression_ratio']:.2f}, "
           f"packets per channel {summary['packets_per_channel']}")
+    engines = summary.get("engines") or {}
+    print(f"sender:   {side_text(engines.get('sender'))}")
+    print(f"receiver: {side_text(engines.get('receiver'))}")
     auto = summary.get("auto")
     if auto:
         best = auto["candidates"][0]
@@ -234,52 +381,79 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     workdir=args.workdir, as_json=args.json)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="multifd", description=__doc__)
-    p.add_argument("--version", action="version", version=f"multifd {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
-    sub = p.add_subparsers(dest="command", required=True)
+# --------------------------------------------------------------------------- the parser
 
-    m = sub.add_parser("methods", help="list installed methods, engines and failed plugins")
-    m.add_argument("--json", action="store_true")
+
+def build_parser() -> argparse.ArgumentParser:
+    from multifd_core.session import DEFAULT_MAX_MEMORY, DEFAULT_MAX_RAM
+
+    p = Parser(prog="multifd", description=__doc__, epilog=ENVIRONMENT,
+               formatter_class=TopHelpFormatter)
+    p.add_argument("--version", action="version", version=f"multifd {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log details to stderr (-vv: debug); also accepted after the command")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=Parser)
+
+    m = sub.add_parser("methods", help="list installed methods, engines and failed plugins",
+                       description="Installed methods with their codes, levels, distribution "
+                                   "and engines (kind, native or fallback path, library, "
+                                   "availability), failed and excluded plugins.")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=cmd_methods)
 
-    s = sub.add_parser("send", help="send RAM images to a receiver")
+    s = sub.add_parser("send", help="send RAM images to a receiver",
+                       description="Send RAM images to a `multifd recv` over N channels; exits "
+                                   "0 once the receiver verified every block's sha256.")
     s.add_argument("items", nargs="+", metavar="[NAME=]FILE... ADDRESS",
                    help="files to send (block NAME defaults to the file name), then "
                         "tcp:HOST:PORT or unix:PATH")
     s.add_argument("--compression", "-c", metavar="METHOD", default=None,
                    help="force a method, or 'auto' to pick one from a short measurement of the "
                         "link and the data (default: the first the receiver accepts)")
-    s.add_argument("--channels", "-n", type=int, default=2)
-    s.add_argument("--level", type=int, default=None)
-    s.add_argument("--engine", default=None, help="preferred engine of the method")
-    s.add_argument("--page-size", type=int, default=4096)
-    s.add_argument("--timeout", type=float, default=60.0,
+    s.add_argument("--channels", "-n", type=channel_count, default=2,
+                   help="multifd channels, 1..255")
+    s.add_argument("--level", type=int, default=None,
+                   help="the method's level (default: the method's default; `multifd "
+                        "methods` lists the range)")
+    s.add_argument("--engine", default=None,
+                   help="engine of the method to encode with (default: the best available "
+                        "here)")
+    s.add_argument("--page-size", type=int, default=4096, help="bytes per page")
+    s.add_argument("--timeout", type=seconds, default=60.0,
                    help="seconds without progress before giving up")
-    s.add_argument("--connect-timeout", type=float, default=10.0)
+    s.add_argument("--connect-timeout", type=seconds, default=10.0,
+                   help="seconds to keep trying to connect to the receiver")
     s.add_argument("--json", action="store_true", help="print one JSON summary")
+    add_progress(s)
     _add_tls(s, server=False)
     s.set_defaults(func=cmd_send)
 
     r = sub.add_parser("recv", help="receive one session into a directory (recv serves "
-                                    "exactly one session, then exits)")
-    r.add_argument("--listen", required=True, metavar="ADDRESS")
-    r.add_argument("--out", required=True, metavar="DIR")
-    r.add_argument("--compression", "-c", metavar="METHOD", default=None)
+                                    "exactly one session, then exits)",
+                       description="Receive one session into DIR: NNN-name.ram files and "
+                                   "manifest.json, written only after every block's sha256 "
+                                   "matched the sender's.")
+    r.add_argument("--listen", required=True, metavar="ADDRESS", type=address,
+                   help="tcp:HOST:PORT or unix:PATH to listen on (required; port 0 picks one)")
+    r.add_argument("--out", required=True, metavar="DIR",
+                   help="directory for the blocks and manifest.json (required; created)")
+    r.add_argument("--compression", "-c", metavar="METHOD", default=None,
+                   help="require this method (default: the sender's first offer this end can "
+                        "run)")
     r.add_argument("--engine", default=None,
                    help="engine of the negotiated method to decode with (default: the best "
                         "available here)")
-    r.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds without progress before giving up (also: how long to wait "
-                        "for a sender)")
-    r.add_argument("--max-channels", type=int, default=255,
+    r.add_argument("--timeout", type=seconds, default=60.0,
+                   help="seconds without progress before giving up, once a sender is in")
+    add_wait_first(r, "the sender")
+    r.add_argument("--max-channels", type=channel_count, default=255,
                    help="refuse sessions with more multifd channels")
     r.add_argument("--max-ram", type=parse_size, default=DEFAULT_MAX_RAM, metavar="SIZE",
-                   help="refuse sessions declaring more RAM in all (default 1T)")
+                   help="refuse sessions declaring more RAM in all (default: 1T)")
     r.add_argument("--max-memory", type=parse_size, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
                    help="refuse sessions whose receive buffers and decoder state (per channel, "
-                        "times the channels) could exceed this (default 1G)")
+                        "times the channels) could exceed this (default: 1G)")
     r.add_argument("--sparse", action="store_true",
                    help="keep output files sparse instead of reserving their space up front "
                         "(a disk that fills up mid-session then fails the session)")
@@ -287,17 +461,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the *.partial files of a failed session")
     r.add_argument("--allow-remote", action="store_true",
                    help="allow listening on a non-loopback address")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="print one JSON summary")
+    add_progress(r)
     _add_tls(r, server=True)
     r.set_defaults(func=cmd_recv)
 
     d = sub.add_parser("demo", help="the main job: migrate a generated 1 GiB mixed image with "
-                                    "every installed method over loopback and verify it")
-    d.add_argument("--size-mib", type=int, default=1024)
-    d.add_argument("--channels", type=int, default=4)
-    d.add_argument("--methods", nargs="*", default=None)
-    d.add_argument("--workdir", default=None)
-    d.add_argument("--json", action="store_true")
+                                    "every installed method over loopback and verify it",
+                       description="The main job: a generated mixed image (40% zero, 30% "
+                                   "text, 30% random pages) migrated over loopback TCP with "
+                                   "every installed method to a `multifd recv` process, "
+                                   "verified; a table row per method.")
+    d.add_argument("--size-mib", type=int, default=1024, help="image size in MiB")
+    d.add_argument("--channels", type=channel_count, default=4, help="multifd channels")
+    d.add_argument("--methods", nargs="*", default=None, metavar="METHOD",
+                   help="methods to run (default: every installed, available one)")
+    d.add_argument("--workdir", default=None,
+                   help="where the receivers write (default: a temporary folder in the cache, "
+                        "removed)")
+    d.add_argument("--json", action="store_true", help="print one JSON report")
     d.set_defaults(func=cmd_demo)
 
     for module, hook in (("multifd_core.qemu.cli", "add_qemu_parser"),
@@ -307,16 +489,44 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         getattr(mod, hook)(sub)
+    _add_verbose(p)
     return p
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (a caller may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def configure_logging(verbose: int) -> None:
+    """multifd's loggers to stderr: warnings always, ``-v`` INFO, ``-vv`` DEBUG. Only the
+    ``multifd`` loggers get a handler: other libraries' logs stay off stderr."""
+    root = logging.getLogger("multifd")
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(old)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(
+        "multifd: %(name)s: %(message)s" if verbose > 1 else "multifd: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="multifd: %(message)s")
+    configure_logging(args.verbose + getattr(args, "verbose_sub", 0))
     try:
         return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"multifd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except MultiFDError as exc:
         print(f"multifd: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -54,7 +54,8 @@ def run_pair(image: str, method: str, channels: int, out_dir: str, *,
     addr = f"tcp:127.0.0.1:{port}"
     recv = subprocess.Popen(
         [sys.executable, "-m", "multifd_core.cli", "recv", "--listen", addr, "--out", out_dir,
-         "--compression", method, "--json", "--timeout", str(timeout)],
+         "--compression", method, "--json", "--timeout", str(timeout),
+         "--wait-first", str(timeout)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         block = RamBlock.from_file(image, "pc.ram")
@@ -77,6 +78,23 @@ def run_pair(image: str, method: str, channels: int, out_dir: str, *,
     return row
 
 
+def engine_text(side: dict[str, Any] | None) -> str:
+    """``software: isal, native``: the engine, its library and path, for a table cell."""
+    if not side:
+        return "?"
+    lib = side.get("library") or ""
+    kind = " (hardware)" if side.get("kind") == "hardware" else ""
+    return (f"{side['engine']}{kind}{': ' + os.path.basename(lib) if lib else ''}, "
+            f"{side.get('path') or 'path not stated'}")
+
+
+def engines_text(row: dict[str, Any]) -> str:
+    """Both sides' engines, once when they are the same."""
+    engines = row.get("engines") or {}
+    a, b = engine_text(engines.get("sender")), engine_text(engines.get("receiver"))
+    return a if a == b else f"{a} | {b}"
+
+
 def run_demo(*, size_mib: int = 1024, channels: int = 4, methods: list[str] | None = None,
              workdir: str | None = None, as_json: bool = False) -> int:
     registry = default_registry()
@@ -90,7 +108,7 @@ def run_demo(*, size_mib: int = 1024, channels: int = 4, methods: list[str] | No
         print(f"image: {image} ({size_mib} MiB, 40% zero / 30% text / 30% random; "
               f"ready in {gen:.1f} s); {channels} channels over loopback TCP")
         print(f"{'method':<8} {'seconds':>8} {'GB/s':>6} {'wire MiB':>9} {'ratio':>6} "
-              f"{'zero pages':>10} {'verified':>8}")
+              f"{'zero pages':>10} {'verified':>8}  engine (sender | receiver)")
     rows = []
     base = workdir or tempfile.mkdtemp(prefix="multifd-demo-", dir=cache_dir())
     failed = False
@@ -113,7 +131,8 @@ def run_demo(*, size_mib: int = 1024, channels: int = 4, methods: list[str] | No
                 print(f"{name:<8} {row['transfer_seconds']:8.3f} "
                       f"{row['throughput_bytes_per_s'] / 1e9:6.2f} "
                       f"{row['wire_bytes'] / 2**20:9.1f} {row['compression_ratio']:6.2f} "
-                      f"{row['zero_pages']:>10} {'yes' if row['verified'] else 'NO':>8}")
+                      f"{row['zero_pages']:>10} {'yes' if row['verified'] else 'NO':>8}  "
+                      f"{engines_text(row)}")
     finally:
         if workdir is None:
             shutil.rmtree(base, ignore_errors=True)

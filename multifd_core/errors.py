@@ -82,3 +82,7 @@ def io_error(exc: OSError, what: str) -> MultiFDError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return MultiFDError(f"no space left on the device while writing {what}")
     return MultiFDError(f"cannot write {what}: {exc.strerror or exc}")
+
+
+class UsageError(MultiFDError):
+    """A command-line value that cannot work (the CLI exits 2, as for argparse's errors)."""

@@ -22,7 +22,11 @@ PACKET_SIZE = 512 * 1024
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """One engine of a method and whether it can run here (``reason`` says why not)."""
+    """One engine of a method and whether it can run here (``reason`` says why not).
+
+    ``path`` says how the engine runs its work: ``"native"`` (native code, a call per packet
+    or per large chunk: a device, a C library), ``"fallback"`` (a slower Python path, such as
+    a loop calling a library once per page), or ``""`` (not stated)."""
 
     name: str
     kind: str  # "hardware" or "software"
@@ -30,6 +34,7 @@ class EngineInfo:
     reason: str = ""
     library: str | None = None
     library_version: str | None = None
+    path: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +127,17 @@ class Method:
                 return engine
         raise MultiFDError(f"method {cls.name} has no engine {requested!r}; its engines: "
                            f"{', '.join(e.name for e in engines) or 'none'}")
+
+    def engine_info(self) -> EngineInfo:
+        """The engine this instance runs, for summaries and logs: the one named by
+        ``self.engine`` when the plugin set it (the convention), else what ``choose_engine``
+        picks for the options. Override it when an option changes the path an engine takes."""
+        name = getattr(self, "engine", None)
+        if isinstance(name, str):
+            for engine in self.engines():
+                if engine.name == name:
+                    return engine
+        return self.choose_engine(self.options.engine)
 
     def max_payload(self, normal_pages: int) -> int:
         """The largest ``next_packet_size`` this method accepts for ``normal_pages`` pages."""

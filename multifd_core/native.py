@@ -17,11 +17,13 @@ docs/writing-a-plugin.md section 7, has a worked example):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes.util
 import functools
 import os
 import re
+import select
 import sys
 import tempfile
 import threading
@@ -37,7 +39,7 @@ from multifd_core.method import EngineInfo
 
 __all__ = [
     "ENGINE_SWITCH_VALUES", "LibrarySpec", "OpenLibrary", "candidates", "clear_cache",
-    "hardware_engine_info", "open_library", "quiet_stderr", "software_forced",
+    "filter_stderr", "hardware_engine_info", "open_library", "quiet_stderr", "software_forced",
 ]
 
 #: What ``$MULTIFD_<METHOD>_ENGINE`` may hold: unset/empty or ``auto`` (the best available
@@ -275,4 +277,118 @@ def hardware_engine_info(name: str, env: str, usable: bool, reason: str,
         usable = False
         reason = f"forced off by {env}=software" + (f" ({reason})" if reason else "")
     return EngineInfo(name, kind, usable, reason, opened.path if opened else None,
-                      opened.version_label if opened else None)
+                      opened.version_label if opened else None, path="native")
+
+
+class _StderrFilter:
+    """A pipe in place of file descriptor 2 and a thread that passes everything on to the
+    original stderr except the exact ``noise`` byte strings (wherever they fall in the
+    stream). A trailing prefix of a noise string is held back at most ``_HOLD`` seconds."""
+
+    _HOLD = 0.05
+
+    def __init__(self, noise: tuple[bytes, ...]) -> None:
+        self.noise = noise
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        read, self.write = os.pipe()
+        os.dup2(self.write, 2)
+        st = os.fstat(2)
+        self.identity = (st.st_dev, st.st_ino)
+        self.thread = threading.Thread(target=self._pump, args=(read,), daemon=True,
+                                       name="stderr-filter")
+        self.thread.start()
+
+    def active(self) -> bool:
+        """Whether descriptor 2 is still this filter's pipe (a test harness may swap it)."""
+        try:
+            st = os.fstat(2)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.identity
+
+    def _pump(self, read: int) -> None:
+        held = b""
+        try:
+            while True:
+                ready, _, _ = select.select([read], [], [], self._HOLD if held else None)
+                if not ready:
+                    out, held = held, b""
+                else:
+                    chunk = os.read(read, 1 << 16)
+                    if not chunk:
+                        break
+                    data = held + chunk
+                    for n in self.noise:
+                        data = data.replace(n, b"")
+                    keep = _noise_prefix(data, self.noise)
+                    out, held = data[:len(data) - keep], data[len(data) - keep:]
+                _write_all(self.saved, out)
+            _write_all(self.saved, held)
+        finally:
+            os.close(read)
+            os.close(self.saved)
+
+    def stop(self) -> None:
+        """Put the original stderr back (if ours is still in place) and drain the pipe."""
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        if self.write < 0:
+            return
+        if self.active():
+            os.dup2(self.saved, 2)
+        os.close(self.write)  # the last write end: the thread reads EOF, flushes, ends
+        self.write = -1
+        self.thread.join(2)
+
+
+def _noise_prefix(data: bytes, noise: tuple[bytes, ...]) -> int:
+    """Length of the longest end of ``data`` that begins one of the noise strings."""
+    best = 0
+    for n in noise:
+        for k in range(min(len(n) - 1, len(data)), best, -1):
+            if data.endswith(n[:k]):
+                best = k
+                break
+    return best
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except OSError:
+            return
+
+
+_filter: _StderrFilter | None = None
+
+
+def filter_stderr(*noise: str) -> None:
+    """From now on, drop the lines ``noise`` (whole lines, newline included) that native
+    libraries write on stderr, for this whole process and its children; everything else passes
+    through unchanged and in order. For libraries that print on every call (libqatzip without
+    a QAT device prints "Cannot open /dev/vfio" per compress and decompress call), where
+    ``quiet_stderr`` around set-up calls is not enough. Idempotent; undone at exit."""
+    global _filter
+    lines = tuple(n.encode() + (b"" if n.endswith("\n") else b"\n") for n in noise)
+    with _stderr_lock:
+        if _filter is not None and _filter.active() and set(lines) <= set(_filter.noise):
+            return
+        if _filter is not None:
+            lines = tuple(dict.fromkeys((*_filter.noise, *lines)))
+            _filter.stop()
+        else:
+            atexit.register(_stop_filter)
+        _filter = _StderrFilter(lines)
+
+
+def _stop_filter() -> None:
+    global _filter
+    with _stderr_lock:
+        if _filter is not None:
+            _filter.stop()
+            _filter = None

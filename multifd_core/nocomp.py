@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from multifd_core.context import ChannelContext, RecvPacket, SendPacket
 from multifd_core.hookspecs import hookimpl
-from multifd_core.method import Method
+from multifd_core.method import EngineInfo, Method
 
 
 class NoCompression(Method):
     name = "none"
     code = 0x00
     description = "raw pages (QEMU's nocomp); zero-copy send and receive"
+
+    @classmethod
+    def engines(cls) -> list[EngineInfo]:
+        return [EngineInfo("software", "software", True, "socket I/O straight from and into "
+                           "RAM pages", path="native")]
 
     def max_payload(self, normal_pages: int) -> int:
         return normal_pages * self.page_size

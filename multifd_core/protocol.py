@@ -5,6 +5,10 @@ most 1 MiB. The sender opens with HELLO (uuid, page size, channel count, rambloc
 methods); the receiver answers ACCEPT (the chosen method) or REFUSE (why, and what to install).
 ROUND markers pair with one SYNC packet per channel; DONE carries each block's sha256, and the
 receiver's RESULT says whether the digests matched.
+
+Optional fields, ignored by peers that predate them: ACCEPT's and DONE's ``engine`` (the
+receiver's and the sender's engine description, ``parse_side``), REFUSE's ``method`` (the method
+the receiver requires, so a sender that has it installed but excluded can say so).
 """
 
 from __future__ import annotations
@@ -217,6 +221,11 @@ def choose_method(hello: Hello, registry: MethodRegistry, forced: str | None) ->
                 f"receiver requires method {wanted}; the sender offers {', '.join(offered)}: "
                 f"install it on the sender{_hint(wanted)}")
         if wanted not in registry:
+            if registry.excluded_plugin(wanted):
+                raise NegotiationError(
+                    f"sender requires method {wanted}, which is installed on the receiver but "
+                    f"excluded by MULTIFD_PLUGINS there (receiver has "
+                    f"{', '.join(registry.names())})")
             raise NegotiationError(
                 f"sender requires method {wanted}, which the receiver does not have "
                 f"(receiver has {', '.join(registry.names())}): install it on the receiver"
@@ -240,6 +249,35 @@ def _check_code(hello: Hello, registry: MethodRegistry, name: str) -> None:
     if theirs.code != ours:
         raise NegotiationError(f"method {name} has code {theirs.code:#04x} on the sender and "
                                f"{ours:#04x} on the receiver")
+
+
+#: The fields of a side's engine description, with the JSON types each may take.
+SIDE_KEYS: dict[str, tuple[type, ...]] = {
+    "method": (str,), "level": (int, type(None)), "engine": (str,), "kind": (str,),
+    "library": (str, type(None)), "library_version": (str, type(None)),
+    "path": (str, type(None))}
+MAX_SIDE_TEXT = 200
+
+
+def parse_side(value: Any, message: str) -> dict[str, Any] | None:
+    """A peer's engine description (``engine`` of ACCEPT or DONE): None when absent (an older
+    peer), else every field checked (type, at most 200 characters)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise WireError(f"bad engine description in {message}", field="engine",
+                        received=repr(value)[:60], expected="an object")
+    side: dict[str, Any] = {}
+    for key, kinds in SIDE_KEYS.items():
+        item = value.get(key)
+        if not isinstance(item, kinds) or isinstance(item, bool) or (
+                isinstance(item, str) and len(item) > MAX_SIDE_TEXT):
+            raise WireError(f"bad engine description in {message}", field=f"engine.{key}",
+                            received=repr(item)[:60],
+                            expected=" or ".join("null" if k is type(None) else k.__name__
+                                                 for k in kinds) + f", <= {MAX_SIDE_TEXT} chars")
+        side[key] = item
+    return side
 
 
 def parse_digests(body: dict[str, Any], names: list[str]) -> dict[str, str]:

@@ -11,8 +11,10 @@ never breaks the host (unless strict mode asks for an error). Environment:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
@@ -27,6 +29,10 @@ from multifd_core.errors import PluginError, UnknownMethodError
 from multifd_core.hookspecs import PROJECT, MethodSpec, RegistrationSpec
 from multifd_core.method import Method, MethodOptions
 from multifd_core.wire import COMPRESSION_BITS, COMPRESSION_MASK, RESERVED_CODES
+
+log = logging.getLogger("multifd.registry")
+#: The plugin name of the built-in ``none``: never replaced, never refused.
+BUILTIN = "none"
 
 ENTRY_POINT_GROUP = "multifd.methods"
 HOOK_NAMES = ("send_setup", "send_prepare", "send_cleanup", "recv_setup", "recv", "recv_cleanup")
@@ -77,7 +83,8 @@ class MethodRegistry:
         if strict is None:
             strict = os.environ.get("MULTIFD_STRICT_PLUGINS", "") not in ("", "0")
         skip: set[str] = set()
-        if only is None and "MULTIFD_PLUGINS" in os.environ:
+        by_env = only is None and "MULTIFD_PLUGINS" in os.environ
+        if by_env:
             items = [p.strip() for p in os.environ["MULTIFD_PLUGINS"].split(",") if p.strip()]
             skip = {p[1:] for p in items if p.startswith("-")}
             chosen = [p for p in items if not p.startswith("-")]
@@ -86,15 +93,22 @@ class MethodRegistry:
         self._only = None if only is None else set(only)
         self._methods: dict[str, MethodEntry] = {}
         self.failed: list[FailedPlugin] = []
+        #: Installed entry points that MULTIFD_PLUGINS left out: name -> distribution.
+        self.excluded: dict[str, str] = {}
         self._pm = pluggy.PluginManager(PROJECT)
         self._pm.add_hookspecs(RegistrationSpec)
-        self._load_module(nocomp, "none", "multifd-core", CORE_VERSION)
+        self._load_module(nocomp, BUILTIN, "multifd-core", CORE_VERSION)
         if entry_points:
             eps = _entry_points()
             for ep in eps:
                 if (self._only is not None and ep.name not in self._only) or ep.name in skip:
+                    if by_env:
+                        self.excluded[ep.name] = ep.dist.name if ep.dist is not None else "?"
                     continue
                 self._load_entry_point(ep)
+            if self.excluded:
+                log.info("MULTIFD_PLUGINS excludes the installed plugin(s) %s",
+                         ", ".join(sorted(self.excluded)))
             for missing in sorted((self._only or set()) - {ep.name for ep in eps} - {"none"}):
                 self.failed.append(FailedPlugin(
                     missing, "?", f"selected by MULTIFD_PLUGINS but no installed distribution "
@@ -112,6 +126,8 @@ class MethodRegistry:
             module = ep.load()
         except Exception as exc:  # a broken plugin must not break the host
             self.failed.append(FailedPlugin(ep.name, dist, f"import failed: {exc!r}"))
+            log.info("plugin %s (%s) failed to import:\n%s", ep.name, dist,
+                     "".join(traceback.format_exception(exc)).rstrip())
             return
         self._load_module(module, ep.name, dist, version)
 
@@ -132,6 +148,8 @@ class MethodRegistry:
                 raise PluginError("it registered no method")
         except Exception as exc:
             self.failed.append(FailedPlugin(plugin, dist, f"registration failed: {exc}"))
+            log.info("plugin %s (%s) failed to register:\n%s", plugin, dist,
+                     "".join(traceback.format_exception(exc)).rstrip())
             return
         for cls in found:
             try:
@@ -144,11 +162,19 @@ class MethodRegistry:
         """Register a method class after checking its declaration."""
         check_method_class(cls)
         name, code = cls.name, cls.code
-        if name in self._methods:
-            other = self._methods[name]
-            raise PluginError(f"method {name!r} from {distribution} is already provided by "
-                              f"{other.distribution}")
-        for other in self._methods.values():
+        for other in list(self._methods.values()):
+            if other.plugin == BUILTIN and name == other.name:
+                raise PluginError(f"method {name!r} from {distribution} is already provided by "
+                                  f"{other.distribution} (built in)")
+            if other.name == name:
+                # As for a shared code: neither can be trusted to own the name.
+                del self._methods[name]
+                self.failed.append(FailedPlugin(
+                    other.plugin, other.distribution,
+                    f"method name {name!r} claimed by both {other.distribution} and "
+                    f"{distribution}; both refused"))
+                raise PluginError(f"method name {name!r} claimed by both {distribution} and "
+                                  f"{other.distribution}; both refused")
             if other.code == code:
                 # Neither can be trusted to own the code: refuse both.
                 del self._methods[other.name]
@@ -186,10 +212,17 @@ class MethodRegistry:
                 return entry
         return None
 
+    def excluded_plugin(self, name: str) -> str | None:
+        """The distribution of ``name`` when it is installed but MULTIFD_PLUGINS left it out."""
+        return self.excluded.get(name)
+
     def unknown_message(self, name: str) -> str:
         text = f"unknown method {name!r}; installed: {', '.join(self.names())}"
         failed = [f for f in self.failed if f.plugin == name]
-        if failed:
+        if name in self.excluded:
+            text += (f"; {name!r} ({self.excluded[name]}) is installed but excluded by "
+                     f"MULTIFD_PLUGINS={os.environ.get('MULTIFD_PLUGINS', '')!r}")
+        elif failed:
             text += f"; plugin {name!r} is installed but failed to load: {failed[0].error}"
         elif name in KNOWN_DISTRIBUTIONS:
             text += f"; install it with: pip install {KNOWN_DISTRIBUTIONS[name]}"
@@ -210,9 +243,12 @@ def check_method_class(cls: Any) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise PluginError(f"method name {name!r} of {cls.__qualname__} must match "
                           f"{_NAME_RE.pattern}")
-    if not isinstance(code, int) or isinstance(code, bool) or code & ~COMPRESSION_MASK:
-        raise PluginError(f"method {name!r} declares code {code!r}: a code is a value inside "
-                          f"the compression field {COMPRESSION_MASK:#04x}")
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise PluginError(f"method {name!r} declares code {code!r}: a code is an int")
+    if code & ~COMPRESSION_MASK:
+        raise PluginError(f"method {name!r} declares code {code:#04x}, outside the "
+                          f"compression field {COMPRESSION_MASK:#04x}; a third-party method "
+                          f"takes one of the free codes: {_free_codes()}")
     reserved_name = {v: k for k, v in RESERVED_CODES.items()}.get(code)
     if reserved_name is not None and reserved_name != name:
         raise PluginError(
@@ -240,7 +276,13 @@ THIRD_PARTY_CODES = tuple(c for c in range(2, COMPRESSION_MASK + 1, 2)
 
 
 def _free_codes() -> str:
-    return ", ".join(hex(c) for c in THIRD_PARTY_CODES[:4]) + ", ..."
+    """Every code a third-party method may take, minus those taken by the methods this
+    project knows of (docs/method-codes.md)."""
+    return ", ".join(f"{c:#04x}" for c in THIRD_PARTY_CODES if c not in CLAIMED_CODES)
+
+
+#: Third-party codes claimed by known distributions (docs/method-codes.md lists them).
+CLAIMED_CODES = {0x06: "multifd-lz4 (lz4, the example plugin)"}
 
 
 def bind(method: Method) -> Any:

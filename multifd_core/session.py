@@ -45,10 +45,12 @@ from multifd_core.protocol import (
     encode_raw,
     parse_digests,
     parse_hello,
+    parse_side,
 )
 from multifd_core.ram import RamBlock
 from multifd_core.receiver import Receiver
 from multifd_core.registry import MethodRegistry, default_registry
+from multifd_core.report import Phases, describe, log_channels, side_text
 from multifd_core.sender import Sender
 from multifd_core.sockio import PeerClosed, recv_into_all, sendmsg_all
 from multifd_core.transport import Address, ConnectionGate, Refusals, connect
@@ -99,11 +101,18 @@ class SessionStats:
             "rounds": self.rounds,
             "throughput_bytes_per_s": round(self.throughput),
             "compression_ratio": round(self.compression_ratio, 4),
+            "engines": {"sender": self.sender, "receiver": self.receiver},
+            "phases": self.phases,
             **({"auto": self.auto} if self.auto is not None else {}),
         }
 
     page_size: int = 4096
     auto: dict[str, Any] | None = None
+    #: Each side's engine description (``report.describe``); None when a peer did not say.
+    sender: dict[str, Any] | None = None
+    receiver: dict[str, Any] | None = None
+    #: Seconds per phase of this end (``report.Phases``).
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def compression_ratio(self) -> float:
@@ -265,11 +274,13 @@ def send_session(
     on_sender: Callable[[Sender], None] | None = None,
     tls: ssl.SSLContext | None = None,
     tls_hostname: str | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> SessionStats:
     """Migrate ``blocks`` to the receiver at ``addr``; return when it has verified them.
 
     With ``tls`` the main channel and every multifd channel run over TLS (the receiver's
-    certificate is checked against ``tls_hostname``, by default the address's host)."""
+    certificate is checked against ``tls_hostname``, by default the address's host).
+    ``on_phase`` hears each phase: connecting, negotiating, transferring, verifying."""
     registry = registry or default_registry()
     if not blocks:
         raise MultiFDError("nothing to send: no ramblocks")
@@ -291,31 +302,49 @@ def send_session(
               if e.cls.available()[0]]
     session_uuid = uuidlib.uuid4().bytes
     started = time.perf_counter()
+    phases = Phases(log, on_phase)
+    phases.enter("connecting")
     main = connect(addr, timeout=connect_timeout, tls=tls, server_hostname=tls_hostname)
     main.settimeout(timeout)
+    log.info("main channel connected to %s%s", addr, " (TLS)" if tls else "")
     socks: list[socket.socket] = []
     sender: Sender | None = None
     auto_report: dict[str, Any] | None = None
     try:
+        phases.enter("negotiating")
         if auto:
             offers, auto_report = _auto_offers(main, blocks, registry, offers, channels)
+            log.info("auto: link %.0f MB/s; chose %s", auto_report["link_bytes_per_s"] / 1e6,
+                     auto_report["choice"])
+        log.info("offering %s; %s", ", ".join(f"{o.name} ({o.code:#04x})" for o in offers),
+                 f"requiring {method}" if method else "the receiver takes the first it can run")
         hello = Hello(session_uuid, page_size, channels, [(b.name, b.used_length) for b in blocks],
                       offers, method, level)
         _send_msg(main, Msg.HELLO, hello.to_body())
         kind, body = _expect(main, Msg.ACCEPT, Msg.REFUSE)
         if kind is Msg.REFUSE:
             reason = str(body.get("reason", "?"))[:500]
+            wanted = body.get("method")
+            if isinstance(wanted, str) and registry.excluded_plugin(wanted):
+                reason += (f"; here method {wanted[:60]!r} is installed but excluded by "
+                           f"MULTIFD_PLUGINS")
             raise NegotiationError(f"receiver refused the session: {reason}")
         chosen = body.get("method")
         if (not isinstance(chosen, str) or chosen not in registry
                 or (method is not None and chosen != method)):
             raise NegotiationError(f"receiver chose method {str(chosen)[:60]!r}, which this "
                                    "sender did not offer")
+        receiver_side = parse_side(body.get("engine"), "ACCEPT")
         instance = registry.create(chosen, MethodOptions(page_size=page_size, level=level,
                                                          engine=engine))
-        for _ in range(channels):
+        sender_side = describe(instance)
+        log.info("receiver chose %s; its engine: %s", chosen, side_text(receiver_side))
+        log.info("engine: %s", side_text(sender_side))
+        for i in range(channels):
             socks.append(connect(addr, timeout=connect_timeout, tls=tls,
                                  server_hostname=tls_hostname))
+            log.info("channel %d connected (%s)", i, _ends(socks[-1]))
+        phases.enter("transferring")
         transfer_start = time.perf_counter()
         sender = Sender(instance, socks, page_size=page_size, uuid=session_uuid,
                         timeout=timeout)
@@ -332,10 +361,15 @@ def send_session(
                 sender.queue_pages(by_name[name], index)
             sender.sync()
             _send_msg(main, Msg.ROUND, {"round": i})
+            log.info("round %d: %s queued, SYNC sent", i, ", ".join(
+                f"{name} {by_name[name].n_pages if index is None else len(index)} pages"
+                for name, index in rnd.items()))
         stats = sender.close()
         transfer = time.perf_counter() - transfer_start
+        log_channels(log, stats.channels)
+        phases.enter("verifying")
         digests = _digests(blocks)
-        _send_msg(main, Msg.DONE, {"digests": digests})
+        _send_msg(main, Msg.DONE, {"digests": digests, "engine": sender_side})
         _, result = _expect(main, Msg.RESULT)
         if result.get("ok") is not True:
             error = str(result.get("error", "unknown error"))[:500]
@@ -348,7 +382,8 @@ def send_session(
             wire_bytes=stats.wire_bytes, payload_bytes=stats.payload_bytes,
             normal_pages=stats.normal_pages, zero_pages=stats.zero_pages,
             packets_per_channel=stats.packets_per_channel, rounds=len(plan), digests=digests,
-            page_size=page_size, auto=auto_report)
+            page_size=page_size, auto=auto_report, sender=sender_side,
+            receiver=receiver_side, phases=phases.finish())
     except BaseException as exc:
         if sender is not None:
             sender.abort()
@@ -363,6 +398,20 @@ def send_session(
                 s.close()
             except OSError:
                 pass
+
+
+def _ends(sock: socket.socket) -> str:
+    """``local -> peer`` addresses of a connected socket, for logs."""
+    try:
+        return f"{_addr_text(sock.getsockname())} -> {_addr_text(sock.getpeername())}"
+    except OSError:
+        return "?"
+
+
+def _addr_text(addr: Any) -> str:
+    if isinstance(addr, tuple):
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr) or "unix"
 
 
 def _close_gently(sock: socket.socket, budget: int = 1 << 16, wait: float = 0.2) -> None:
@@ -405,9 +454,11 @@ def _receiver_reason(main: socket.socket) -> str | None:
 class _EarlyDigest(threading.Thread):
     """Waits for every channel to end, then flushes and hashes the blocks."""
 
-    def __init__(self, receiver: Receiver, blocks: list[RamBlock], started: float) -> None:
+    def __init__(self, receiver: Receiver, blocks: list[RamBlock], started: float,
+                 phases: Phases | None = None) -> None:
         super().__init__(name="multifd-digest", daemon=True)
         self.receiver, self.blocks, self.started = receiver, blocks, started
+        self.phases = phases
         self._out: tuple[list[Any], float, dict[str, str]] | None = None
         self._error: BaseException | None = None
 
@@ -415,6 +466,8 @@ class _EarlyDigest(threading.Thread):
         try:
             stats = self.receiver.finish()  # fails after ``timeout`` s with nothing moving
             transfer = time.perf_counter() - self.started
+            if self.phases is not None:
+                self.phases.enter("syncing")
             # Write file-backed blocks to disk while hashing them (fsync runs without the GIL).
             sync = threading.Thread(target=lambda: [b.flush() for b in self.blocks],
                                     name="multifd-sync", daemon=True)
@@ -461,6 +514,11 @@ class ReceiveSession:
     bytes of receive buffers and decoder state, open files) before anything is allocated, and
     the output counts only after ``on_verified`` ran on matching digests. ``reserve(total)``,
     if given, is called with the blocks' total length before the first is allocated.
+
+    ``wait_first``: seconds to wait for the sender's main channel (default: ``timeout``;
+    ``math.inf``: as long as it takes, as QEMU's ``-incoming``); once it is in, ``timeout``
+    applies. ``on_phase`` hears each phase (waiting, negotiating, transferring, syncing,
+    verifying); ``on_receiver(receiver, hello)`` is called once the channels' receiver exists.
     """
 
     def __init__(self, listener: socket.socket, allocate: Allocator, *,
@@ -470,10 +528,15 @@ class ReceiveSession:
                  tls: ssl.SSLContext | None = None, handshake_timeout: float | None = None,
                  on_verified: Callable[[SessionStats], None] | None = None,
                  engine: str | None = None, max_memory: int = DEFAULT_MAX_MEMORY,
-                 reserve: Callable[[int], None] | None = None) -> None:
+                 reserve: Callable[[int], None] | None = None,
+                 wait_first: float | None = None,
+                 on_phase: Callable[[str], None] | None = None,
+                 on_receiver: Callable[[Receiver, Hello], None] | None = None) -> None:
         self.listener = listener
         self.max_memory = max_memory
         self.reserve = reserve
+        self.wait_first = timeout if wait_first is None else wait_first
+        self.on_phase, self.on_receiver = on_phase, on_receiver
         self.engine = engine
         self.allocate = allocate
         self.forced = method
@@ -497,8 +560,12 @@ class ReceiveSession:
 
     def serve(self) -> SessionStats:
         started = time.perf_counter()
+        phases = Phases(log, self.on_phase)
+        phases.enter("waiting")
         main, opening = self._accept_main()
         main.settimeout(self.timeout)
+        log.info("main channel from %s", _ends(main).split(" -> ")[-1])
+        phases.enter("negotiating")
         acceptor: threading.Thread | None = None
         accepted = False
         try:
@@ -511,8 +578,15 @@ class ReceiveSession:
                 if self.forced is not None:
                     self.registry.get(self.forced)
                 name = choose_method(hello, self.registry, self.forced)
+                log.info("sender offers %s; chose %s: %s", ", ".join(
+                    f"{o.name} ({o.code:#04x})" for o in hello.offers), name,
+                    f"required by this receiver (--compression {name})" if self.forced else
+                    f"required by the sender (--compression {name})" if hello.method else
+                    "the sender's first offer this receiver can run")
                 method = self._create_method(name, hello)
                 self.method = method
+                receiver_side = describe(method)
+                log.info("engine: %s", side_text(receiver_side))
                 self._check_limits(method, hello)
                 self.blocks = self._allocate(hello)
                 receiver = Receiver(method, channels=hello.channels, page_size=hello.page_size,
@@ -520,19 +594,23 @@ class ReceiveSession:
                 self._receiver = receiver
                 receiver.set_blocks(self.blocks)
             except MultiFDError as exc:
-                self._refuse(main, exc)
+                self._refuse(main, exc, self.forced if self.hello is not None else None)
                 if isinstance(exc, (WireError, TransportError)):
                     raise
                 raise NegotiationError(f"refused the session: {exc}") from None
-            _send_msg(main, Msg.ACCEPT, {"method": name, "code": method.code})
+            if self.on_receiver is not None:
+                self.on_receiver(receiver, hello)
+            _send_msg(main, Msg.ACCEPT, {"method": name, "code": method.code,
+                                         "engine": receiver_side})
             accepted = True
+            phases.enter("transferring")
             transfer_start = time.perf_counter()
             acceptor = threading.Thread(target=self._accept_channels, args=(receiver,),
                                         name="multifd-accept", daemon=True)
             acceptor.start()
             # Hash as soon as every channel has ended (the sender closes them before it hashes
             # its own side), so both ends hash at the same time.
-            early = _EarlyDigest(receiver, self.blocks, transfer_start)
+            early = _EarlyDigest(receiver, self.blocks, transfer_start, phases)
             early.start()
             rounds = 0
             while True:
@@ -545,12 +623,17 @@ class ReceiveSession:
                         raise WireError("round marker out of order", field="round",
                                         received=repr(body.get("round"))[:40], expected=rounds)
                     receiver.sync_round()
+                    log.info("round %d: every channel synced", rounds)
                     rounds += 1
                     continue
                 break
             receiver.close_rounds()
             theirs = parse_digests(body, [b.name for b in self.blocks])
+            sender_side = parse_side(body.get("engine"), "DONE")
+            log.info("sender's engine: %s", side_text(sender_side))
             chan_stats, transfer, ours = early.result()
+            log_channels(log, chan_stats)
+            phases.enter("verifying")
             bad = [n for n in ours if ours[n] != theirs[n]]
             if bad:
                 raise IntegrityError(f"digest mismatch for ramblock(s) {', '.join(bad)}: "
@@ -563,13 +646,15 @@ class ReceiveSession:
                 normal_pages=sum(s.normal_pages for s in chan_stats),
                 zero_pages=sum(s.zero_pages for s in chan_stats),
                 packets_per_channel=[s.packets + s.sync_packets for s in chan_stats],
-                rounds=rounds, digests=ours, page_size=hello.page_size)
+                rounds=rounds, digests=ours, page_size=hello.page_size, sender=sender_side,
+                receiver=receiver_side)
             if self.on_verified is not None:
                 try:
                     self.on_verified(stats)
                 except OSError as exc:
                     raise MultiFDError(f"cannot write the output: {exc.strerror or exc}"
                                        ) from None
+            stats.phases = phases.finish()
             self.stats = stats
             _send_msg(main, Msg.RESULT, {"ok": True})
             return stats
@@ -630,10 +715,12 @@ class ReceiveSession:
             blocks.append(block)
         return blocks
 
-    def _refuse(self, main: socket.socket, exc: MultiFDError) -> None:
+    def _refuse(self, main: socket.socket, exc: MultiFDError, method: str | None = None) -> None:
+        """REFUSE with the reason, and the method this receiver requires when it has one."""
         try:
             main.settimeout(2)
-            _send_msg(main, Msg.REFUSE, {"reason": str(exc)})
+            _send_msg(main, Msg.REFUSE, {"reason": str(exc),
+                                         **({"method": method} if method else {})})
         except MultiFDError:
             pass
 
@@ -695,7 +782,7 @@ class ReceiveSession:
                               tls=self.tls, handshake_timeout=self.handshake_timeout)
         done: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
         pending: list[socket.socket] = []
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.wait_first
         try:
             while True:
                 while not done.empty():
@@ -707,7 +794,7 @@ class ReceiveSession:
                     return sock, outcome
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 and not pending:
-                    raise TransportError(f"no sender connected within {self.timeout} s")
+                    raise TransportError(f"no sender connected within {self.wait_first} s")
                 for sock, head in gate.poll(min(max(remaining, 0.01), _POLL)):
                     if head != SESSION_MAGIC:
                         self._reject(sock, f"connection before the session started (first "
@@ -759,7 +846,8 @@ class ReceiveSession:
                             raise WireError("not a multifd channel", field="magic",
                                             received=hex(init.magic),
                                             expected=hex(MULTIFD_MAGIC))
-                        receiver.accept_channel(sock, init)
+                        cid = receiver.accept_channel(sock, init)
+                        log.info("channel %d connected (%s)", cid, _ends(sock))
                     except MultiFDError as exc:
                         self._reject(sock, str(exc))
         except Exception as exc:  # never leave the main loop waiting on a dead acceptor

@@ -100,12 +100,21 @@ def test_unknown_method_names_installed_and_hint(images: dict[str, Path]) -> Non
     assert_one_line_error(env_free, "unknown method 'nosuch'", "installed: none")
 
 
-def test_known_but_missing_method_says_what_to_install(images: dict[str, Path]) -> None:
+def test_known_but_missing_method_says_what_to_install() -> None:
+    from multifd_core.registry import MethodRegistry
+
+    text = MethodRegistry(entry_points=False).unknown_message("zstd")
+    assert "pip install multifd-zstd" in text
+
+
+def test_excluded_method_says_so(images: dict[str, Path]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "multifd_core.cli", "send", str(images["pc.bios"]),
          "tcp:127.0.0.1:1", "-c", "zstd"],
         capture_output=True, text=True, timeout=60, env={**os.environ, "MULTIFD_PLUGINS": ""})
-    assert_one_line_error(proc, "pip install multifd-zstd")
+    assert_one_line_error(proc, "'zstd' (multifd-zstd) is installed but excluded by "
+                                "MULTIFD_PLUGINS=''")
+    assert proc.returncode == 2
 
 
 @pytest.mark.parametrize(

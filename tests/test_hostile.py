@@ -439,7 +439,7 @@ def test_recv_listens_on_loopback_unless_allowed(host: str, tmp_path,  # noqa: A
     from multifd_core.cli import main
 
     rc = main(["recv", "--listen", f"tcp:{host}:0", "--out", str(tmp_path / "o")])
-    assert rc == 1 and "recv listens on loopback unless --allow-remote" in capsys.readouterr().err
+    assert rc == 2 and "recv listens on loopback unless --allow-remote" in capsys.readouterr().err
 
 
 def test_loopback_addresses_are_recognised() -> None:
@@ -457,7 +457,7 @@ def test_qemu_capture_listens_on_loopback_unless_allowed(
     from multifd_core.cli import main
 
     rc = main(["qemu", "capture", "--listen", "tcp:0.0.0.0:0", "--out", str(tmp_path / "o")])
-    assert rc == 1 and "--allow-remote" in capsys.readouterr().err
+    assert rc == 2 and "--allow-remote" in capsys.readouterr().err
 
 
 def test_sender_refuses_a_hostile_accept() -> None:

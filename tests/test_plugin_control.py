@@ -190,7 +190,7 @@ def test_reserved_codes_are_refused_for_other_names(site: Site) -> None:
     registry = MethodRegistry(only=["fast", "fakezstd", "null"])
     errors = failed(registry)
     assert "claims code 0x04, which QEMU reserves for 'zstd'" in errors["fast"][1]
-    assert "free: 0x6, 0xa" in errors["fast"][1]
+    assert "free: 0x0a, 0x0c, 0x0e, 0x12" in errors["fast"][1]  # 0x06: the lz4 example's
     assert "method 'zstd' must use QEMU's code 0x04, not 0x0c" in errors["fakezstd"][1]
     assert "QEMU reserves for 'none'" in errors["null"][1]
     assert registry.names() == ["none"]
@@ -201,6 +201,49 @@ def test_a_plugin_cannot_replace_the_builtin_none(site: Site) -> None:
     registry = MethodRegistry(only=["evil"])
     assert registry.get("none").distribution == "multifd-core"
     assert "already provided by multifd-core" in failed(registry)["evil"][1]
+
+
+def test_two_plugins_claiming_one_name_are_both_refused(site: Site) -> None:
+    """A name clash is treated as a code clash: neither plugin can be trusted with it."""
+    site.method("multifd-first", "first", "same", 0x0A)
+    site.method("multifd-second", "second", "same", 0x0C)
+    site.method("multifd-other", "other", "other", 0x0E)
+    registry = MethodRegistry(only=["first", "second", "other"])
+    assert registry.names() == ["none", "other"]
+    errors = failed(registry)
+    for plugin in ("first", "second"):
+        assert "method name 'same' claimed by both" in errors[plugin][1]
+        assert "multifd-first" in errors[plugin][1] and "multifd-second" in errors[plugin][1]
+    with pytest.raises(UnknownMethodError, match="unknown method 'same'"):
+        registry.get("same")
+
+
+def test_an_out_of_range_code_is_named_in_hex_with_the_free_codes() -> None:
+    from multifd_core.method import Method
+
+    cls = type("X", (Method,), {"name": "x", "code": 0x40, "send_prepare": Method.send_setup,
+                                "recv": Method.send_setup})
+    with pytest.raises(PluginError) as err:
+        check_method_class(cls)
+    text = str(err.value)
+    assert "declares code 0x40, outside the compression field 0x3e" in text
+    free = text.split("free codes: ")[1].split(", ")
+    assert len(free) == 25 and "0x06" not in free and free[0] == "0x0a" and free[-1] == "0x3e"
+
+
+def test_an_excluded_plugin_is_named_as_such(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    site.method("multifd-alpha", "alpha", "alpha", 0x0A)
+    site.method("multifd-beta", "beta", "beta", 0x0C)
+    for setting in ("beta", "-alpha"):
+        monkeypatch.setenv("MULTIFD_PLUGINS", setting)
+        registry = MethodRegistry()
+        assert registry.excluded_plugin("alpha") == "multifd-alpha"
+        with pytest.raises(UnknownMethodError) as err:
+            registry.get("alpha")
+        assert (f"'alpha' (multifd-alpha) is installed but excluded by "
+                f"MULTIFD_PLUGINS={setting!r}") in str(err.value)
+    monkeypatch.delenv("MULTIFD_PLUGINS")
+    assert MethodRegistry(only=["beta"]).excluded == {}  # only by the environment
 
 
 def test_third_party_code_policy() -> None:

@@ -122,17 +122,94 @@ def test_libqatzip_loads_without_ld_library_path():
 
 def test_libqatzip_works_without_a_device_as_in_qemu():
     """qzInit(sw_backup=1) and the deflate session succeed with no QAT device; that engine is
-    reported as software-kind with the reason, and is the default."""
+    reported as software-kind with the reason, and runs on request only (the default is ours:
+    libqatzip without a device prints a line on every call)."""
     need_library()
     info = {e.name: e for e in Qatzip.engines()}
     lib = info["libqatzip"]
-    assert lib.available and lib.library and lib.library_version
-    if lib.kind == "software":
-        assert "no QAT device" in lib.reason
-    assert method().engine == "libqatzip"
+    assert lib.available and lib.library and lib.library_version and lib.path == "native"
+    if engines.devices():
+        assert method().engine == "libqatzip"
+    else:
+        assert lib.kind == "software" and "no QAT device" in lib.reason
+        assert "--engine libqatzip" in lib.reason
+        assert method().engine == "software"
     with MethodHarness(method("libqatzip")) as h:
         pages = image(128)
         assert np.array_equal(h.roundtrip(pages), pages)
+
+
+def test_libqatzip_is_the_default_when_asked_for(monkeypatch):
+    need_library()
+    monkeypatch.setenv(engines.ENV_ENGINE, "libqatzip")
+    assert [e.name for e in Qatzip.engines()] == ["libqatzip", "software"]
+    assert method().engine == "libqatzip"
+
+
+def test_engine_switch_values_are_checked(monkeypatch):
+    monkeypatch.setenv(engines.ENV_ENGINE, "libqatzp")
+    with pytest.raises(MultiFDError, match="MULTIFD_QATZIP_ENGINE='libqatzp' is not a valid "
+                                           "value: use auto or software or libqatzip"):
+        Qatzip.engines()
+
+
+def test_qat_devices_found_by_node_or_vfio_binding(tmp_path):
+    """/dev/qat_* nodes, and QAT virtual functions bound to vfio-pci (not other drivers,
+    not other Intel devices) count as devices."""
+    from multifd_qatzip.device import qat_devices
+
+    sys_root, dev_root = tmp_path / "sys", tmp_path / "dev"
+    drivers = sys_root / "bus/pci/drivers"
+    for drv in ("vfio-pci", "4xxx"):
+        (drivers / drv).mkdir(parents=True)
+
+    def pci(addr: str, vendor: str, device: str, driver: str | None) -> None:
+        d = sys_root / "bus/pci/devices" / addr
+        d.mkdir(parents=True)
+        (d / "vendor").write_text(vendor + "\n")
+        (d / "device").write_text(device + "\n")
+        if driver:
+            (d / "driver").symlink_to(drivers / driver)
+
+    dev_root.mkdir()
+    pci("0000:00:02.0", "0x8086", "0x4941", "4xxx")  # a QAT VF on its kernel driver
+    pci("0000:00:03.0", "0x8086", "0x1572", "vfio-pci")  # another Intel device on vfio
+    pci("0000:00:04.0", "0x8086", "0x4941", None)  # unbound
+    assert qat_devices(str(sys_root), str(dev_root)) == []
+    pci("0000:6b:00.1", "0x8086", "0x4941", "vfio-pci")
+    (dev_root / "qat_adf_ctl").touch()
+    assert qat_devices(str(sys_root), str(dev_root)) == [
+        str(dev_root / "qat_adf_ctl"), "0000:6b:00.1 (vfio-pci)"]
+
+
+NOISE_SCRIPT = """
+import os, sys
+from multifd_core.harness import MethodHarness
+from multifd_core.method import MethodOptions
+from multifd_core.testing import mixed_pages
+from multifd_qatzip.method import Qatzip
+import numpy as np
+pages = mixed_pages(64, 4096, np.random.default_rng(1))
+with MethodHarness(Qatzip(MethodOptions(engine=sys.argv[1] or None))) as h:
+    for _ in range(3):
+        assert np.array_equal(h.roundtrip(pages), pages)
+os.write(2, b"ours: native write\\n")
+print("ours: python write", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("engine", ["libqatzip", None])
+def test_no_library_noise_on_stderr(engine):
+    """libqatzip without a device prints "Cannot open /dev/vfio" on every compress and
+    decompress call; the default engine then is ours, and libqatzip on request has that line
+    filtered out: stderr carries exactly what the program itself wrote, in order."""
+    need_library()
+    env = {**os.environ}
+    env.pop(engines.ENV_ENGINE, None)
+    proc = subprocess.run([sys.executable, "-c", NOISE_SCRIPT, engine or ""],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "ours: native write\nours: python write\n"
 
 
 @pytest.mark.parametrize(("sender", "receiver"), [("libqatzip", "software"),
@@ -332,7 +409,8 @@ def test_cli_lists_the_engines():
     report = json.loads(out.stdout)
     qz = next(m for m in report["methods"] if m["name"] == "qatzip")
     assert qz["code"] == 0x20
-    assert [e["name"] for e in qz["engines"]] == ["libqatzip", "software"]
+    assert sorted(e["name"] for e in qz["engines"]) == ["libqatzip", "software"]
+    assert qz["engines"][0]["name"] == ("libqatzip" if engines.devices() else "software")
 
 
 # ---------------------------------------------------------------- the binding's ABI

@@ -231,4 +231,4 @@ def test_cli_recv_tls_flags_need_a_certificate(tmp_path: Path) -> None:
     proc = subprocess.run([*CLI, "recv", "--listen", "tcp:127.0.0.1:0", "--out",
                            str(tmp_path / "o"), "--tls-verify-peer"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "needs --tls-cert" in proc.stderr
+    assert proc.returncode == 2 and "needs --tls-cert" in proc.stderr

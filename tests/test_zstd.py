@@ -220,7 +220,8 @@ def test_missing_plugin_message_names_the_distribution(monkeypatch: pytest.Monke
     monkeypatch.setenv("MULTIFD_PLUGINS", "zlib")
     registry = MethodRegistry()
     assert "zstd" not in registry
-    with pytest.raises(UnknownMethodError, match="pip install multifd-zstd"):
+    with pytest.raises(UnknownMethodError, match=r"'zstd' \(multifd-zstd\) is installed but "
+                                                 r"excluded by MULTIFD_PLUGINS='zlib'"):
         registry.get("zstd")
 
 

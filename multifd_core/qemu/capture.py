@@ -98,7 +98,8 @@ class QemuCapture:
                  registry: MethodRegistry | None = None,
                  handshake_timeout: float | None = None,
                  max_memory: int = DEFAULT_MAX_MEMORY,
-                 mapped_ram: str | os.PathLike[str] | None = None) -> None:
+                 mapped_ram: str | os.PathLike[str] | None = None,
+                 wait_first: float | None = None) -> None:
         if not 1 <= channels <= 255:
             raise CaptureError(f"--channels {channels} out of range 1..255")
         self.out_dir = Path(out_dir)
@@ -111,6 +112,8 @@ class QemuCapture:
         check_receive_memory(self.method, channels, max_memory)
         self.expected_uuid = uuid
         self.timeout = timeout
+        #: How long to wait for the first connection (``math.inf``: as long as it takes).
+        self.wait_first = timeout if wait_first is None else wait_first
         self.channel_grace = channel_grace
         self.handshake_timeout = (min(timeout, HANDSHAKE_TIMEOUT) if handshake_timeout is None
                                   else handshake_timeout)
@@ -303,14 +306,19 @@ class QemuCapture:
                 output.discard()
 
     def _wait_main(self) -> tuple[socket.socket, bytes]:
-        deadline = time.monotonic() + self.timeout
+        """``wait_first`` for the source's first connection (a multifd channel of a uuid
+        group, or the main one), then ``timeout`` from it for the main one."""
+        deadline, limit = time.monotonic() + self.wait_first, self.wait_first
         while True:
             self._check()
             try:
                 return self._main_q.get(timeout=_POLL)
             except queue.Empty:
+                if any(list(self._groups.values())) and limit == self.wait_first:
+                    deadline = min(deadline, time.monotonic() + self.timeout)
+                    limit = min(limit, self.timeout)
                 if time.monotonic() > deadline:
-                    raise TransportError(f"no main connection (QEVM) within {self.timeout} s; "
+                    raise TransportError(f"no main connection (QEVM) within {limit} s; "
                                          "is the source migrating to this address?") from None
 
     def _wait_channels(self) -> None:

@@ -1,4 +1,4 @@
-"""``multifd qemu capture`` and ``multifd qemu replay``: registered by the main CLI."""
+"""``multifd qemu capture``, ``replay``, ``import`` and ``export``: registered by the main CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 import uuid as uuidlib
 from typing import Any
 
-from multifd_core.errors import MultiFDError
+from multifd_core.cli import add_wait_first, channel_count, int_range, seconds
+from multifd_core.errors import MultiFDError, UsageError
 from multifd_core.limits import DEFAULT_MAX_MEMORY
 from multifd_core.transport import parse_address
 from multifd_core.units import parse_size
@@ -30,18 +31,24 @@ def add_qemu_parser(subparsers: Any) -> argparse.ArgumentParser:
     qsub = q.add_subparsers(dest="qemu_command", required=True)
 
     c = qsub.add_parser("capture", help="be the destination of a QEMU multifd migration and "
-                                        "save its RAM blocks and device state")
+                                        "save its RAM blocks and device state",
+                        description="Be the destination of a QEMU 10.0 multifd migration "
+                                    "(the source runs migrate to tcp:HOST:PORT) and save its "
+                                    "RAM blocks, device state and manifest.json in DIR (or a "
+                                    "mapped-ram FILE).")
     c.add_argument("--listen", default="tcp:127.0.0.1:4444", metavar="tcp:HOST:PORT",
                    help="address to listen on (host defaults to 127.0.0.1; port 0 picks one)")
-    c.add_argument("--channels", "-n", type=int, default=2,
-                   help="the source's multifd-channels (1..255)")
+    c.add_argument("--channels", "-n", type=channel_count, default=2,
+                   help="the source's multifd-channels, 1..255")
     c.add_argument("--compression", "-c", default="none", metavar="METHOD",
                    help="the source's multifd-compression")
     out = c.add_mutually_exclusive_group(required=True)
-    out.add_argument("--out", metavar="DIR", help="write a capture directory")
+    out.add_argument("--out", metavar="DIR",
+                     help="write a capture directory (this or --mapped-ram is required)")
     out.add_argument("--mapped-ram", metavar="FILE",
                      help="write a QEMU mapped-ram file instead (restore it with "
-                          "migrate-incoming file:FILE and the mapped-ram capability)")
+                          "migrate-incoming file:FILE and the mapped-ram capability; default: "
+                          "--out)")
     c.add_argument("--uuid", type=_uuid, default=None,
                    help="the source's -uuid: channels with another uuid are refused (default: "
                         "the first uuid whose channels all connect is the source's)")
@@ -50,57 +57,66 @@ def add_qemu_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "accepts only that level's window; default: any QEMU level's)")
     c.add_argument("--max-memory", type=parse_size, default=DEFAULT_MAX_MEMORY,
                    metavar="SIZE", help="refuse to start if the channels' receive buffers and "
-                                        "decoder state could exceed this (default 1G)")
-    c.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds without progress before giving up")
+                                        "decoder state could exceed this (default: 1G)")
+    c.add_argument("--timeout", type=seconds, default=60.0,
+                   help="seconds without progress before giving up, once the source is in")
+    add_wait_first(c, "the source's first connection")
     c.add_argument("--allow-remote", action="store_true",
                    help="allow listening on a non-loopback address")
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=cmd_capture)
 
     r = qsub.add_parser("replay", help="send a capture (or a QEMU mapped-ram file) to a QEMU "
-                                       "destination started with -incoming")
+                                       "destination started with -incoming",
+                        description="Send a capture (made by `multifd qemu capture`) or a "
+                                    "mapped-ram file to a QEMU 10.0 destination started with "
+                                    "-incoming.")
     r.add_argument("dir", metavar="DIR|FILE", help="a capture directory, or a mapped-ram file "
                                                    "saved by QEMU or by `qemu export`")
     r.add_argument("--offset", type=_offset, default=0,
                    help="a mapped-ram FILE's stream offset (file:PATH,offset=N)")
-    r.add_argument("address", metavar="tcp:HOST:PORT")
-    r.add_argument("--channels", "-n", type=int, default=2,
+    r.add_argument("address", metavar="tcp:HOST:PORT", help="the destination's -incoming")
+    r.add_argument("--channels", "-n", type=channel_count, default=2,
                    help="the destination's multifd-channels")
     r.add_argument("--compression", "-c", default="none", metavar="METHOD",
                    help="the destination's multifd-compression (any method, whatever the "
                         "capture used)")
-    r.add_argument("--level", type=int, default=None)
+    r.add_argument("--level", type=int, default=None,
+                   help="the method's level (default: the method's default)")
     r.add_argument("--uuid", type=_uuid, default=bytes(16),
                    help="the destination's -uuid (default: none, all zeros)")
     r.add_argument("--switchover-start", choices=("auto", "on", "off"), default="auto",
                    help="send SWITCHOVER_START before RAM END (auto: as captured)")
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
-    r.add_argument("--timeout", type=float, default=60.0)
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--timeout", type=seconds, default=60.0,
+                   help="seconds without progress before giving up")
+    r.add_argument("--json", action="store_true", help="print one JSON summary")
     r.set_defaults(func=cmd_replay)
 
     i = qsub.add_parser("import", help="read a QEMU mapped-ram file (migrate file: with "
                                        "mapped-ram) into a capture directory")
-    i.add_argument("file", metavar="FILE")
-    i.add_argument("--out", required=True, metavar="DIR")
+    i.add_argument("file", metavar="FILE", help="the mapped-ram file QEMU saved")
+    i.add_argument("--out", required=True, metavar="DIR",
+                   help="the capture directory to write (required)")
     i.add_argument("--offset", type=_offset, default=0,
                    help="where the stream starts in FILE (file:PATH,offset=N)")
-    i.add_argument("--threads", "-j", type=_threads, default=4)
+    i.add_argument("--threads", "-j", type=_threads, default=4,
+                   help="threads reading and writing blocks, 1..64")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
     i.set_defaults(func=cmd_import)
 
     e = qsub.add_parser("export", help="write a capture directory as a mapped-ram file that "
                                        "QEMU restores with migrate-incoming file:FILE")
-    e.add_argument("dir", metavar="DIR")
-    e.add_argument("file", metavar="FILE")
+    e.add_argument("dir", metavar="DIR", help="the capture directory")
+    e.add_argument("file", metavar="FILE", help="the mapped-ram file to write")
     e.add_argument("--offset", type=_offset, default=0,
                    help="start the stream at this offset of FILE (restore with "
                         "file:FILE,offset=N)")
-    e.add_argument("--threads", "-j", type=_threads, default=4)
+    e.add_argument("--threads", "-j", type=_threads, default=4,
+                   help="threads reading and writing blocks, 1..64")
     e.add_argument("--no-verify", action="store_true",
                    help="skip the check of each block's sha256 against the manifest")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print one JSON summary")
     e.set_defaults(func=cmd_export)
     return q
 
@@ -115,30 +131,27 @@ def _offset(text: str) -> int:
     return value
 
 
-def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a thread count: {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"--threads {value} out of range 1..64")
-    return value
+_threads = int_range("thread count", 1, 64)
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
     from multifd_core.qemu.capture import QemuCapture
 
-    addr = parse_address(args.listen)
+    try:
+        addr = parse_address(args.listen)
+    except MultiFDError as exc:
+        raise UsageError(str(exc)) from None
     if addr.kind != "tcp":
-        raise MultiFDError("qemu capture listens on tcp:HOST:PORT only")
+        raise UsageError("qemu capture listens on tcp:HOST:PORT only")
     if addr.host not in LOOPBACK and not args.allow_remote:
-        raise MultiFDError(f"refusing to listen on {addr.host}: capture listens on loopback "
-                           "unless --allow-remote is given")
+        raise UsageError(f"refusing to listen on {addr.host}: capture listens on loopback "
+                         "unless --allow-remote is given")
     target = args.out or args.mapped_ram
     cap = QemuCapture(args.out or os.path.dirname(os.path.abspath(args.mapped_ram)),
                       channels=args.channels, method=args.compression,
                       level=args.level, uuid=args.uuid, timeout=args.timeout,
-                      max_memory=args.max_memory, mapped_ram=args.mapped_ram)
+                      max_memory=args.max_memory, mapped_ram=args.mapped_ram,
+                      wait_first=args.wait_first)
     host, port = cap.listen(addr.host, addr.port)
     print(f"multifd: listening on tcp:{host}:{port}", file=sys.stderr, flush=True)
     manifest = cap.run()
@@ -158,9 +171,12 @@ def cmd_capture(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from multifd_core.qemu.replay import load_capture, replay
 
-    addr = parse_address(args.address)
+    try:
+        addr = parse_address(args.address)
+    except MultiFDError as exc:
+        raise UsageError(str(exc)) from None
     if addr.kind != "tcp":
-        raise MultiFDError("qemu replay connects to tcp:HOST:PORT only")
+        raise UsageError("qemu replay connects to tcp:HOST:PORT only")
     if os.path.isdir(args.dir):
         capture = load_capture(args.dir, verify=not args.no_verify)
     else:

@@ -18,7 +18,9 @@ from typing import Any
 __version__ = "0.1.0"
 ENV = "MULTIFD_PAGECODEC"
 INSTALL = ("install gcc, zlib1g-dev and libisal-dev (scripts/setup-system.sh as root on "
-           "Debian), then reinstall: pip install -e plugins/pagecodec")
+           "Debian), then rebuild it, bypassing pip's cache of the wheel built without them: "
+           "pip install --no-cache-dir --force-reinstall --no-deps --no-binary "
+           "multifd-pagecodec multifd-pagecodec (in a clone: pip install -e plugins/pagecodec)")
 BACKEND_CODES = {"zlib": 0, "isal": 1}
 
 # Statuses of decompress_into (pagecodec.h).

@@ -2,21 +2,26 @@
 pure-software encoder/decoder of the same QZ-extended gzip format.
 
 Choice, per endpoint: ``MethodOptions.engine`` (``libqatzip`` or ``software``), else the first
-available: libqatzip when it loads, else software. ``$MULTIFD_QATZIP_ENGINE=software`` marks
+available: libqatzip when a QAT device is present (``device.qat_devices``) or
+``$MULTIFD_QATZIP_ENGINE=libqatzip`` asks for it, else software. Without a device libqatzip only
+runs its software backup and prints "Cannot open /dev/vfio" on every call: it then runs only on
+request, with that line filtered out of stderr. ``$MULTIFD_QATZIP_ENGINE=software`` marks
 libqatzip unavailable, forcing software.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 import zlib
 from typing import Any
 
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
 from multifd_core.method import EngineInfo
-from multifd_core.native import hardware_engine_info, quiet_stderr, software_forced
+from multifd_core.native import ENGINE_SWITCH_VALUES, filter_stderr, quiet_stderr
 from multifd_core.wire import PACKET_SIZE
-from multifd_qatzip import _ffi, gzipqz
+from multifd_qatzip import _ffi, device, gzipqz
 
 ENV_ENGINE = "MULTIFD_QATZIP_ENGINE"
 LIBRARY_ENGINE = "libqatzip"
@@ -54,6 +59,8 @@ class LibQatzipEngine:
     def __init__(self, level: int, channel: int) -> None:
         opened = _ffi.load()
         self.lib, self.channel = opened.lib, channel
+        if not devices():
+            filter_stderr(NO_DEVICE_NOISE)  # printed on every call without a device
         ffi = _ffi.ffi
         self.sess = ffi.new("QzSession_T *")
         with quiet_stderr(NO_DEVICE_NOISE):
@@ -133,9 +140,34 @@ def _hw_count(lib: Any, sess: Any) -> int:
     return int(status.qat_hw_count) if lib.qzGetStatus(sess, status) == 0 else 0
 
 
+#: What ``$MULTIFD_QATZIP_ENGINE`` may say: the plugins' common switch, and ``libqatzip``.
+ENGINE_VALUES = (*ENGINE_SWITCH_VALUES, LIBRARY_ENGINE)
+
+
+def engine_switch() -> str:
+    """``$MULTIFD_QATZIP_ENGINE``, checked: a typo is an error naming the valid values."""
+    raw = os.environ.get(ENV_ENGINE, "")
+    value = raw.strip().lower()
+    if value not in ("", *ENGINE_VALUES):
+        raise MultiFDError(f"{ENV_ENGINE}={raw!r} is not a valid value: use "
+                           f"{' or '.join(ENGINE_VALUES)} (or leave it unset)")
+    return value
+
+
 def forced_software() -> bool:
     """``$MULTIFD_QATZIP_ENGINE=software``: this endpoint uses only the software engine."""
-    return software_forced(ENV_ENGINE)
+    return engine_switch() == "software"
+
+
+def library_requested() -> bool:
+    """``$MULTIFD_QATZIP_ENGINE=libqatzip``: prefer libqatzip even without a QAT device."""
+    return engine_switch() == LIBRARY_ENGINE
+
+
+@functools.cache
+def devices() -> tuple[str, ...]:
+    """The QAT devices of this machine (looked up once per process)."""
+    return tuple(device.qat_devices())
 
 
 _probe_lock = threading.Lock()
@@ -143,7 +175,10 @@ _probes: dict[str, bool] = {}
 
 
 def _has_device(opened: Any) -> bool:
-    """Whether a QATzip session finds a QAT device (probed once per library)."""
+    """Whether a QATzip session finds a QAT device (probed once per library, and only when
+    a device node exists: without one the probe would only print noise)."""
+    if not devices():
+        return False
     with _probe_lock:
         if opened.path not in _probes:
             probe = LibQatzipEngine(1, -1)
@@ -155,23 +190,37 @@ def _has_device(opened: Any) -> bool:
 
 
 def engine_infos() -> list[EngineInfo]:
-    """libqatzip (a QAT device, or its software backup) first, then ours."""
+    """libqatzip first with a QAT device or on request, else our software engine first."""
     forced = forced_software()
     try:
         opened = _ffi.load()
     except LibraryNotFoundError as exc:
-        lib_info = EngineInfo(LIBRARY_ENGINE, "software", False, f"no library: {exc}")
+        lib_info = EngineInfo(LIBRARY_ENGINE, "software", False, f"no library: {exc}",
+                              path="native")
     else:
         hardware = _has_device(opened)
-        reason = "QAT device found" if hardware else \
-            "no QAT device: libqatzip runs its software backup, as QEMU does"
-        lib_info = hardware_engine_info(LIBRARY_ENGINE, ENV_ENGINE, True, reason, opened,
-                                        kind="hardware" if hardware else "software")
+        found = ", ".join(devices())
+        if hardware:
+            reason = f"QAT device found ({found})"
+        elif found:
+            reason = (f"QAT device nodes ({found}) but libqatzip finds no usable device: it "
+                      "runs its software backup, as QEMU does")
+        else:
+            reason = (f"no QAT device (no /dev/qat_*, no QAT function bound to vfio-pci): "
+                      f"libqatzip runs its software backup, as QEMU does; used only on "
+                      f"request (--engine {LIBRARY_ENGINE} or {ENV_ENGINE}={LIBRARY_ENGINE})")
+        if forced:
+            reason = f"forced off by {ENV_ENGINE}=software ({reason})"
+        lib_info = EngineInfo(LIBRARY_ENGINE, "hardware" if hardware else "software",
+                              not forced, reason, opened.path, opened.version_label, path="native")
+    first = lib_info.available and (lib_info.kind == "hardware" or library_requested())
     why = f"forced by {ENV_ENGINE}=software" if forced else \
         ("in use: libqatzip is not loadable" if not lib_info.available else
-         "used when libqatzip is absent or on request")
-    return [lib_info, EngineInfo(SOFTWARE_ENGINE, "software", True, why, "zlib",
-                                 zlib.ZLIB_RUNTIME_VERSION)]
+         "used when libqatzip runs only on request" if not first else
+         "used on request")
+    ours = EngineInfo(SOFTWARE_ENGINE, "software", True, why, "zlib",
+                      zlib.ZLIB_RUNTIME_VERSION, path="native")
+    return [lib_info, ours] if first else [ours, lib_info]
 
 
 def create(name: str, level: int, channel: int) -> SoftwareEngine | LibQatzipEngine:

@@ -190,6 +190,14 @@ def engine_infos() -> list[EngineInfo]:
     backend = software.default_backend()
     why = f"forced by {ENV_ENGINE}=software" if forced else \
         ("used when IAA is not usable" if usable else "in use: IAA is not usable here")
-    path = pagecodec.report(backend)
-    return [hw, EngineInfo(SOFTWARE_ENGINE, "software", True, f"{why}; backend {backend}; "
-                           f"{path}", backend, software.backend_version(backend))]
+    return [hw, software_info(backend, why=why)]
+
+
+def software_info(backend: str, native: bool = True, why: str = "") -> EngineInfo:
+    """The software engine with ``backend``: native per packet when the C helper runs it here
+    (and ``native`` is not turned off), else the Python per-page fallback."""
+    runs = native and pagecodec.why_not(backend) is None
+    path = pagecodec.report(backend) if native else "Python per-page loop (native=False)"
+    return EngineInfo(SOFTWARE_ENGINE, "software", True,
+                      f"{why + '; ' if why else ''}backend {backend}; {path}", backend,
+                      software.backend_version(backend, native), "native" if runs else "fallback")

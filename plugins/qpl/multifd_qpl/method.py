@@ -33,6 +33,13 @@ class Qpl(perpage.PerPageMethod):
     def engines(cls) -> list[EngineInfo]:
         return engines.engine_infos()
 
+    def engine_info(self) -> EngineInfo:
+        """The software engine with this instance's backend and path."""
+        info = super().engine_info()
+        if info.name != engines.SOFTWARE_ENGINE:
+            return info
+        return engines.software_info(self.backend or software.default_backend(), self.native)
+
     def open_channel(self, channel: ChannelContext, sending: bool) -> None:
         channel.state = engines.create(self.engine, self.page_size, channel.id,
                                        page_count(self.page_size), self.backend,

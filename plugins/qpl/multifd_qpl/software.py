@@ -32,9 +32,10 @@ def default_backend() -> str:
     return "isal" if _isal is not None else "zlib"
 
 
-def backend_version(backend: str) -> str:
-    """The version of the library the software engine runs for ``backend``, and which path."""
-    if pagecodec.why_not(backend) is None:
+def backend_version(backend: str, native: bool = True) -> str:
+    """The version of the library the software engine runs for ``backend``, and which path
+    (``native=False``: the Python loop even where the C helper runs)."""
+    if native and pagecodec.why_not(backend) is None:
         return f"{pagecodec.library_version(backend)}, native per packet"
     if backend == "isal":
         import isal

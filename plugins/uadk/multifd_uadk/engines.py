@@ -187,9 +187,17 @@ def engine_infos() -> list[EngineInfo]:
     hw = hardware_engine_info(HARDWARE_ENGINE, ENV_ENGINE, usable, reason, opened)
     why = f"forced by {ENV_ENGINE}=software" if forced else \
         ("used when UADK is not usable" if usable else "in use: UADK is not usable here")
-    native = pagecodec.why_not("zlib") is None
-    version = pagecodec.library_version("zlib") if native else zlib.ZLIB_RUNTIME_VERSION
-    return [hw, EngineInfo(SOFTWARE_ENGINE, "software", True,
-                           f"{why}; sends pages raw as QEMU does, decodes zlib blobs; "
-                           f"{pagecodec.report('zlib')}", "zlib",
-                           f"{version}, {'native per packet' if native else 'Python per page'}")]
+    return [hw, software_info(why=why)]
+
+
+def software_info(native: bool = True, why: str = "") -> EngineInfo:
+    """The software engine: native per packet when the C helper runs here (and ``native`` is
+    not turned off), else the Python per-page fallback."""
+    runs = native and pagecodec.why_not("zlib") is None
+    version = pagecodec.library_version("zlib") if runs else zlib.ZLIB_RUNTIME_VERSION
+    path = pagecodec.report("zlib") if native else "Python per-page loop (native=False)"
+    return EngineInfo(SOFTWARE_ENGINE, "software", True,
+                      f"{why + '; ' if why else ''}sends pages raw as QEMU does, decodes zlib "
+                      f"blobs; {path}", "zlib",
+                      f"{version}, {'native per packet' if runs else 'Python per page'}",
+                      "native" if runs else "fallback")

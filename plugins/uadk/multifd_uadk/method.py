@@ -30,6 +30,13 @@ class Uadk(perpage.PerPageMethod):
     def engines(cls) -> list[EngineInfo]:
         return engines.engine_infos()
 
+    def engine_info(self) -> EngineInfo:
+        """The software engine with this instance's path."""
+        info = super().engine_info()
+        if info.name != engines.SOFTWARE_ENGINE:
+            return info
+        return engines.software_info(self.native)
+
     def open_channel(self, channel: ChannelContext, sending: bool) -> None:
         channel.state = engines.create(self.engine, self.page_size, channel.id,
                                        page_count(self.page_size), compress=sending,

@@ -38,7 +38,7 @@ class Zlib(Method):
     @classmethod
     def engines(cls) -> list[EngineInfo]:
         return [EngineInfo(name="software", kind="software", available=True, library="zlib",
-                           library_version=zlib.ZLIB_RUNTIME_VERSION)]
+                           library_version=zlib.ZLIB_RUNTIME_VERSION, path="native")]
 
     @hookimpl
     def send_setup(self, channel: ChannelContext) -> None:

@@ -60,9 +60,10 @@ class Zstd(Method):
             return [EngineInfo(name="software", kind="software", available=False,
                                reason=f"python package zstandard is not importable "
                                       f"({_IMPORT_ERROR}); pip install zstandard",
-                               library="zstd")]
+                               library="zstd", path="native")]
         return [EngineInfo(name="software", kind="software", available=True, library="zstd",
-                           library_version=".".join(map(str, zstandard.ZSTD_VERSION)))]
+                           library_version=".".join(map(str, zstandard.ZSTD_VERSION)),
+                           path="native")]
 
     @hookimpl
     def send_setup(self, channel: ChannelContext) -> None:
