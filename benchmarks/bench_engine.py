@@ -26,11 +26,12 @@ import time
 
 import numpy as np
 
-from multifd_core.context import ChannelContext, SendPacket
 from multifd_core.demo import free_port, mixed_image_path, run_pair
-from multifd_core.pages import page_runs, zero_mask
-from multifd_core.ram import RamBlock
-from multifd_core.registry import bind, default_registry
+from multifd_core.engine.ram import RamBlock
+from multifd_core.methods.context import ChannelContext, SendPacket
+from multifd_core.methods.hookspecs import bind
+from multifd_core.methods.registry import default_registry
+from multifd_core.wire.pages import zero_mask
 
 PS = 4096
 CHUNK = 512 * 1024
@@ -114,9 +115,7 @@ def dispatch_cost(packets: int = 20000) -> dict[str, float]:
     hooks = bind(method)
     ctx = ChannelContext(0, PS)
     pages = np.zeros((128, PS), dtype=np.uint8)
-    idx = np.arange(128)
-    pkt = SendPacket("ram", PS, pages, idx, page_runs(pages.reshape(-1), idx, PS),
-                     lambda n: memoryview(bytearray(n)))
+    pkt = SendPacket.whole(pages, lambda n: memoryview(bytearray(n)))
     start = time.perf_counter()
     for _ in range(packets):
         hooks.send_prepare(channel=ctx, packet=pkt)

@@ -33,8 +33,8 @@ from typing import Any
 from bench_hw import use_checkout_libqatzip
 
 from multifd_core.gilcheck import gil_verdict
-from multifd_core.hookspecs import hookimpl
-from multifd_core.method import Method, MethodOptions
+from multifd_core.methods.hookspecs import hookimpl
+from multifd_core.methods.method import Method, MethodOptions
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = 4096
@@ -183,7 +183,7 @@ def cffi_holding(workdir: str) -> type[WholePacket]:
 
 def variants(workdir: str) -> list[tuple[str, bool, Callable[[], Method]]]:
     """(name, releases the GIL, factory) of every codec measured."""
-    from multifd_core.registry import default_registry
+    from multifd_core.methods.registry import default_registry
 
     reg = default_registry()
 

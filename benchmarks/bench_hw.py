@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
 from multifd_core.testing import gil_runnable, make_pages
 from multifd_core.vendorbench import run_threads
 from multifd_core.wire import page_count
@@ -90,7 +90,7 @@ def bench_method(make: Callable[[], Any], packets: list[np.ndarray], threads: in
 
 def candidates(only: set[str] | None) -> list[tuple[str, str, Callable[[], Any]]]:
     """(method, engine label, factory) for every method and engine available here."""
-    from multifd_core.registry import MethodRegistry
+    from multifd_core.methods.registry import MethodRegistry
 
     reg = MethodRegistry()
     out: list[tuple[str, str, Callable[[], Any]]] = []
@@ -135,8 +135,8 @@ def zstd_direct() -> Callable[[], Any]:
     one stream per channel, a block flush per packet. Benchmark use only."""
     import zstandard
 
-    from multifd_core.hookspecs import hookimpl
-    from multifd_core.method import Method
+    from multifd_core.methods.hookspecs import hookimpl
+    from multifd_core.methods.method import Method
 
     class ZstdDirect(Method):
         name, code, description = "zstd", 0x04, "zstandard direct (benchmark only)"

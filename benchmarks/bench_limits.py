@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from bench_engine import bare_sockets, dispatch_cost, zero_scan_rate
 
-from multifd_core.pages import zero_mask
-from multifd_core.ram import RamBlock
+from multifd_core.engine.ram import RamBlock
+from multifd_core.wire.pages import zero_mask
 
 
 def _best(fn: Any, repeat: int) -> float:

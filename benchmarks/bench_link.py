@@ -4,7 +4,7 @@
 joined by a veth pair addressed ``10.231.0.1/24`` and ``10.231.0.2/24`` (only inside these
 namespaces), with a ``tbf`` qdisc on both ends; leaving the ``with`` block deletes both
 namespaces (and with them the veth pair). Needs root and iproute2 (``ip``, ``tc``).
-``probe_rate`` measures the link with bare sockets (``multifd_core.auto.probe_*``).
+``probe_rate`` measures the link with bare sockets (``multifd_core.session.auto.probe_*``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ BURST = {"1gbit": "1mb", "10gbit": "8mb"}
 
 _SINK = r"""
 import json, socket, sys
-from multifd_core.auto import probe_receive
+from multifd_core.session.auto import probe_receive
 host, port, conns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind((host, port)); ls.listen(16)
@@ -35,7 +35,7 @@ print(json.dumps({"bytes": n, "seconds": s}), flush=True)
 
 _PUSH = r"""
 import socket, sys, time
-from multifd_core.auto import probe_send
+from multifd_core.session.auto import probe_send
 host, port, conns, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 socks = []
 for _ in range(conns):

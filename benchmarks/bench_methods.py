@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_codecs import bare_codec_throughput  # noqa: E402
 
 from multifd_core.demo import mixed_image_path, run_pair  # noqa: E402
-from multifd_core.pages import zero_mask  # noqa: E402
-from multifd_core.ram import RamBlock  # noqa: E402
+from multifd_core.engine.ram import RamBlock  # noqa: E402
+from multifd_core.wire.pages import zero_mask  # noqa: E402
 
 
 def image_packets(block: RamBlock) -> list[np.ndarray]:

@@ -31,14 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from multifd_core.engine.ram import RamBlock
 from multifd_core.image import write_mixed_image
+from multifd_core.methods.registry import default_registry
 from multifd_core.qemu.capture import QemuCapture
 from multifd_core.qemu.replay import load_capture, replay
 from multifd_core.qemu.snapshot import export_capture, import_file
 from multifd_core.qemu.vm import GuestConfig, QemuVM, qemu_missing_reason
-from multifd_core.ram import RamBlock
-from multifd_core.registry import default_registry
-from multifd_core.transport import parse_address
+from multifd_core.session.transport import parse_address
 
 
 class Bench:

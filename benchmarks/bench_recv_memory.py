@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from multifd_core import protocol, wire
+from multifd_core import wire
 from multifd_core.image import fill_mixed
-from multifd_core.protocol import Hello, Msg, Offer
+from multifd_core.wire import protocol
+from multifd_core.wire.protocol import Hello, Msg, Offer
 
 CLI = [sys.executable, "-m", "multifd_core.cli"]
 PS = 4096

@@ -7,7 +7,7 @@
    1/2/4 channels: times, RAM GB/s, wire bytes, ratio, CPU seconds and peak RSS of each side;
 3. memory against image size: ``none`` x2 at N and 4N MiB, peak RSS of each side;
 4. rate-limited links (``bench_link``): namespaces + veth + tbf at 1 and 10 Gbit/s, each
-   method's time there, and ``multifd_core.auto.choose_method``'s pick for the link rate
+   method's time there, and ``multifd_core.session.auto.predict_best``'s pick for the link rate
    measured by bare sockets in the same namespaces;
 5. QEMU rows (``--qemu``, ``bench_qemu.Bench``): QEMU->QEMU and QEMU->our capture; QEMU's
    mapped-ram save and restore against our export and import of the same guest.
@@ -37,7 +37,7 @@ from bench_pairs import run_procs, startup_cost
 
 from multifd_core.demo import cache_dir, mixed_image_path
 from multifd_core.errors import MultiFDError
-from multifd_core.registry import MethodRegistry, default_registry
+from multifd_core.methods.registry import MethodRegistry, default_registry
 
 REPO = Path(__file__).resolve().parents[1]
 #: The higher level run next to level 1.
@@ -210,8 +210,8 @@ def section_links(opts: Any, variants: list[tuple[str, int | None, str | None]],
                   images: dict[int, str], limits: dict[str, Any]) -> dict[str, Any]:
     from bench_link import Link, link_missing_reason
 
-    from multifd_core.auto import Candidate, choose_method
-    from multifd_core.ram import RamBlock
+    from multifd_core.engine.ram import RamBlock
+    from multifd_core.session.auto import Candidate, predict_best
 
     reason = link_missing_reason()
     if reason:
@@ -240,7 +240,7 @@ def section_links(opts: Any, variants: list[tuple[str, int | None, str | None]],
         try:
             cands = [Candidate(m, lv) for m, lv, _ in chosen]
             with _quiet_stderr():  # libqatzip prints a line per session without a device
-                _, report = choose_method([block], default_registry(), LINK_CHANNELS,
+                _, report = predict_best([block], default_registry(), LINK_CHANNELS,
                                           entry["probe"]["bytes_per_s"], candidates=cands,
                                           cores=cores, socket_bytes_per_s=loop)
         finally:

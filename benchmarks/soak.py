@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.ram import RamBlock
 from multifd_core.image import fill_mixed
-from multifd_core.ram import RamBlock
 from multifd_core.session import FileOutput, ReceiveSession, send_session
-from multifd_core.transport import Address, bound_address, listen
+from multifd_core.session.transport import Address, bound_address, listen
 
 PS = 4096
 

@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 import reference as ref
 
-from multifd_core import protocol, wire
+from multifd_core import wire
 from multifd_core.errors import MultiFDError
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
-from multifd_core.registry import MethodRegistry, default_registry
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
+from multifd_core.methods.registry import MethodRegistry, default_registry
+from multifd_core.session.negotiate import negotiate_method
+from multifd_core.wire import protocol
 
 UUID = bytes(range(16))
 BLOCK_PAGES = 64
@@ -96,7 +98,7 @@ def ram_packet(data: bytes) -> None:
 
     def ours() -> ref.RamPacket:
         pkt = wire.decode_ram_packet(body, ps)
-        wire.validate_ram_packet(pkt, page_size=ps, block_length=blocks.get,
+        wire.validate_ram_packet(pkt, page_size=ps, block_lengths=blocks,
                                  method_code=code, max_payload=max_payload)
         has_pages = pkt.normal_pages + pkt.zero_pages > 0
         return ref.RamPacket(pkt.flags, pkt.packet_num, pkt.next_packet_size,
@@ -179,7 +181,7 @@ def session_frames(data: bytes) -> None:
             for name, _ in hello.blocks:
                 name.encode()
             try:
-                protocol.choose_method(hello, _registry(), None)
+                negotiate_method(hello, _registry(), None)
             except MultiFDError:
                 pass
         elif kind is protocol.Msg.DONE:

@@ -111,7 +111,7 @@ def wait_seconds(text: str) -> float:
 
 
 def address(text: str) -> Any:
-    from multifd_core.transport import parse_address
+    from multifd_core.session.transport import parse_address
 
     try:
         return parse_address(text)
@@ -167,7 +167,7 @@ def _methods_report(registry: Any) -> dict[str, Any]:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from multifd_core.registry import default_registry
+    from multifd_core.methods.registry import default_registry
 
     report = _methods_report(default_registry())
     if args.json:
@@ -197,7 +197,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _parse_sources(items: Sequence[str], page_size: int) -> list[Any]:
-    from multifd_core.ram import RamBlock
+    from multifd_core.engine.ram import RamBlock
 
     blocks = []
     for item in items:
@@ -218,8 +218,8 @@ def _progress(args: argparse.Namespace, label: str) -> Any:
 
 def _check_method(args: argparse.Namespace, page_size: int) -> None:
     """A forced method, its level and engine are usable here (else a usage error)."""
-    from multifd_core.method import MethodOptions
-    from multifd_core.registry import default_registry
+    from multifd_core.methods.method import MethodOptions
+    from multifd_core.methods.registry import default_registry
 
     if args.compression in (None, "auto"):
         return
@@ -264,7 +264,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _client_tls(args: argparse.Namespace) -> Any:
-    from multifd_core.transport import client_context
+    from multifd_core.session.transport import client_context
 
     if not (args.tls_ca or args.tls_cert):
         return None
@@ -272,7 +272,7 @@ def _client_tls(args: argparse.Namespace) -> Any:
 
 
 def _server_tls(args: argparse.Namespace) -> Any:
-    from multifd_core.transport import server_context
+    from multifd_core.session.transport import server_context
 
     if not args.tls_cert:
         if args.tls_key or args.tls_ca or args.tls_verify_peer:
@@ -285,7 +285,7 @@ def _server_tls(args: argparse.Namespace) -> Any:
 
 def cmd_recv(args: argparse.Namespace) -> int:
     from multifd_core.session import FileOutput, ReceiveSession
-    from multifd_core.transport import is_loopback, listen
+    from multifd_core.session.transport import is_loopback, listen
 
     addr = args.listen
     if addr.kind == "tcp" and not is_loopback(addr.host) and not args.allow_remote:
@@ -353,7 +353,7 @@ def _add_tls(p: argparse.ArgumentParser, server: bool) -> None:
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
-    from multifd_core.report import side_text
+    from multifd_core.session.report import side_text
 
     if as_json:
         print(json.dumps(summary))

@@ -16,12 +16,12 @@ import tempfile
 import time
 from typing import Any
 
+from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import MultiFDError
 from multifd_core.image import write_mixed_image
-from multifd_core.ram import RamBlock
-from multifd_core.registry import default_registry
+from multifd_core.methods.registry import default_registry
 from multifd_core.session import send_session
-from multifd_core.transport import Address
+from multifd_core.session.transport import Address
 
 
 def cache_dir() -> str:

@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from multifd_core.context import ChannelContext, RecvPacket, SendPacket
-from multifd_core.method import Method
+from multifd_core.engine.pipeline import BufferSource
+from multifd_core.methods.context import ChannelContext, RecvPacket, SendPacket
+from multifd_core.methods.hookspecs import bind
+from multifd_core.methods.method import Method
 from multifd_core.pagekinds import make_pages
-from multifd_core.pages import page_runs
-from multifd_core.registry import bind
 from multifd_core.wire import page_count
 
 __all__ = ["GilCheckUnavailable", "GilVerdict", "GilWindow", "gil_runnable", "gil_verdict"]
@@ -299,10 +299,9 @@ class _Pipe:
         self.sctx, self.rctx = ChannelContext(0, ps), ChannelContext(0, ps)
         self.send.send_setup(channel=self.sctx)
         self.recv.recv_setup(channel=self.rctx)
-        index = np.arange(n, dtype=np.int64)
         scratch = np.empty(pages.size, dtype=np.uint8)
-        self.packet = SendPacket("gil", ps, pages, index, page_runs(pages.reshape(-1), index, ps),
-                                 lambda size: memoryview(scratch)[:size])
+        self.packet = SendPacket.whole(pages, lambda size: memoryview(scratch)[:size], "gil")
+        self.index = np.arange(n, dtype=np.int64)
         self.raw = bytearray(pages.size)  # for methods that read raw pages (none)
         self.last: Any = None
         self.count = 0
@@ -312,18 +311,19 @@ class _Pipe:
         wire = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")
         self.count += 1
 
-        def readinto_pages() -> None:
-            self.raw[:] = wire[:len(self.raw)]
-            self.last = self.raw
-
-        def write(buf: Any) -> None:
-            self.last = buf
-
         packet = RecvPacket(
             channel_id=0, packet_num=self.count, flags=self.code, normal_pages=self.n,
-            next_packet_size=len(wire), page_size=self.ps, read=lambda size: wire[:size],
-            readinto_pages=readinto_pages, write=write)
+            next_packet_size=len(wire), page_size=self.ps, source=BufferSource(wire),
+            target=self, index=self.index)
         self.recv.recv(channel=self.rctx, packet=packet)
+
+    # A PageTarget that keeps the decoded pages without copying them (no GIL release).
+    def write_pages(self, index: np.ndarray, data: Any) -> None:
+        self.last = data
+
+    def page_views(self, index: np.ndarray) -> list[memoryview]:
+        self.last = self.raw
+        return [memoryview(self.raw)]
 
     def check(self) -> None:
         got = np.frombuffer(self.last, dtype=np.uint8)

@@ -9,10 +9,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from multifd_core.ram import RamBlock
-from multifd_core.registry import MethodRegistry
+from multifd_core.engine.ram import RamBlock
+from multifd_core.methods.registry import MethodRegistry
 from multifd_core.session import ReceiveSession, Round, SessionStats, send_session
-from multifd_core.transport import Address, bound_address, listen
+from multifd_core.session.transport import Address, bound_address, listen
 
 
 def migrate(

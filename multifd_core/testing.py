@@ -33,16 +33,16 @@ from multifd_core.gilcheck import (
     gil_runnable,
     gil_verdict,
 )
-from multifd_core.harness import MethodHarness
 from multifd_core.layout import (
     LayoutMismatch,
     LayoutProbeUnavailable,
     check_struct_layout,
     struct_layout_report,
 )
-from multifd_core.method import EngineInfo, Method, MethodOptions
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import EngineInfo, Method, MethodOptions
+from multifd_core.methods.registry import MethodRegistry, check_method_class
 from multifd_core.pagekinds import KINDS, make_pages, mixed_pages
-from multifd_core.registry import MethodRegistry, check_method_class
 from multifd_core.wire import page_count
 
 __all__ = [
@@ -382,7 +382,7 @@ class MethodConformance:
         """A native migration over loopback TCP: two channels, a full round then a dirty one."""
         try:
             from multifd_core import loopback
-            from multifd_core.ram import RamBlock
+            from multifd_core.engine.ram import RamBlock
         except ImportError as exc:
             require(False, f"multifd_core.loopback is not available ({exc})")
             return

@@ -23,10 +23,10 @@ import numpy as np
 
 from multifd_core.errors import MultiFDError
 from multifd_core.gilcheck import GilCheckUnavailable, gil_verdict
-from multifd_core.harness import MethodHarness
 from multifd_core.image import fill_mixed
-from multifd_core.method import Method, MethodOptions
-from multifd_core.registry import MethodRegistry, default_registry
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import Method, MethodOptions
+from multifd_core.methods.registry import MethodRegistry, default_registry
 from multifd_core.wire import page_count
 
 __all__ = ["bench_codec", "bench_pair", "run", "run_threads"]
@@ -97,7 +97,7 @@ def bench_pair(method: str, sender: str, receiver: str, pages: np.ndarray, chann
                level: int | None, registry: MethodRegistry) -> dict[str, Any]:
     """One loopback migration, ``sender`` engine to ``receiver`` engine, checked."""
     from multifd_core import loopback
-    from multifd_core.ram import RamBlock
+    from multifd_core.engine.ram import RamBlock
 
     block = RamBlock.zeros("pc.ram", pages.nbytes, page_size=pages.shape[1])
     block.array[:] = pages.reshape(-1)

@@ -9,9 +9,9 @@ import textwrap
 _MEASURE = textwrap.dedent("""
     import resource
     from multifd_core.errors import MethodError
-    from multifd_core.harness import MethodHarness
-    from multifd_core.registry import default_registry
-    from multifd_core.method import MethodOptions
+    from multifd_core.methods.harness import MethodHarness
+    from multifd_core.methods.registry import default_registry
+    from multifd_core.methods.method import MethodOptions
 
     h = MethodHarness(default_registry().create(METHOD, MethodOptions(level=1)))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

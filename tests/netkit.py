@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from multifd_core import protocol, wire
-from multifd_core.protocol import FRAME_LEN, Hello, Msg, Offer
-from multifd_core.registry import default_registry
+from multifd_core import wire
+from multifd_core.methods.registry import default_registry
 from multifd_core.session import ReceiveSession
-from multifd_core.transport import Address, bound_address, listen
+from multifd_core.session.transport import Address, bound_address, listen
+from multifd_core.wire import protocol
+from multifd_core.wire.protocol import FRAME_LEN, Hello, Msg, Offer
 
 PS = 4096
 UUID = bytes(range(16))
@@ -91,7 +92,7 @@ class Served:
 
     def __init__(self, session_kw: dict[str, Any] | None = None,
                  allocate: Callable[..., Any] | None = None) -> None:
-        from multifd_core.ram import RamBlock
+        from multifd_core.engine.ram import RamBlock
 
         self.listener = listen(Address("tcp", host="127.0.0.1", port=0))
         self.addr = bound_address(self.listener, Address("tcp", host="127.0.0.1"))

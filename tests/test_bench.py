@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from multifd_core.auto import Candidate, choose_method, probe_receive, probe_send
+from multifd_core.engine.ram import RamBlock
 from multifd_core.image import fill_mixed
-from multifd_core.ram import RamBlock
-from multifd_core.registry import default_registry
+from multifd_core.methods.registry import default_registry
+from multifd_core.session.auto import Candidate, predict_best, probe_receive, probe_send
 from multifd_core.testing import require
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def mixed_block() -> RamBlock:
 def test_auto_prefers_compression_on_a_slow_link(mixed_block: RamBlock) -> None:
     cands = [Candidate("none"), Candidate("zlib", 1)]
     require("zlib" in default_registry(), "needs the zlib plugin: pip install -e plugins/zlib")
-    name, report = choose_method([mixed_block], default_registry(), 2, 1e6, candidates=cands)
+    name, report = predict_best([mixed_block], default_registry(), 2, 1e6, candidates=cands)
     assert name == "zlib" and report["choice"] == "zlib:1"
     assert report["sample"]["normal_fraction"] == pytest.approx(0.6, abs=0.05)
     preds = {c["label"]: c for c in report["candidates"]}
@@ -127,7 +127,7 @@ def test_auto_prefers_compression_on_a_slow_link(mixed_block: RamBlock) -> None:
 def test_auto_prefers_none_on_a_fast_link(mixed_block: RamBlock) -> None:
     require("zlib" in default_registry(), "needs the zlib plugin: pip install -e plugins/zlib")
     cands = [Candidate("zlib", 1), Candidate("none")]
-    name, report = choose_method([mixed_block], default_registry(), 2, 1e12, candidates=cands)
+    name, report = predict_best([mixed_block], default_registry(), 2, 1e12, candidates=cands)
     assert name == "none"
     assert report["candidates"][-1]["label"] == "zlib:1"
     assert report["candidates"][-1]["bound"] == "sender"
@@ -149,7 +149,7 @@ def test_link_probe_counts_every_byte() -> None:
 
 
 def test_auto_never_prefers_a_method_that_does_not_compress(mixed_block: RamBlock) -> None:
-    from multifd_core.auto import Prediction, _dominated_by_none
+    from multifd_core.session.auto import Prediction, _dominated_by_none
 
     def pred(label: str, ratio: float, seconds: float) -> Prediction:
         return Prediction(label, label, None, None, ratio, 1e9, 1e9, 1, seconds, seconds,

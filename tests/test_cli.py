@@ -101,7 +101,7 @@ def test_unknown_method_names_installed_and_hint(images: dict[str, Path]) -> Non
 
 
 def test_known_but_missing_method_says_what_to_install() -> None:
-    from multifd_core.registry import MethodRegistry
+    from multifd_core.methods.registry import MethodRegistry
 
     text = MethodRegistry(entry_points=False).unknown_message("zstd")
     assert "pip install multifd-zstd" in text

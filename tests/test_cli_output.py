@@ -20,7 +20,7 @@ import pytest
 
 from multifd_core.image import fill_mixed
 from multifd_core.progress import Progress
-from multifd_core.protocol import SIDE_KEYS
+from multifd_core.wire.protocol import SIDE_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 PS = 4096

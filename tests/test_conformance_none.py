@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from multifd_core import EngineInfo, hookimpl
-from multifd_core.context import ChannelContext, RecvPacket, SendPacket
 from multifd_core.errors import MethodError
-from multifd_core.nocomp import NoCompression
+from multifd_core.methods.context import ChannelContext, RecvPacket, SendPacket
+from multifd_core.methods.nocomp import NoCompression
 from multifd_core.testing import MethodConformance
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from multifd_core.cpus import cgroup_quota, usable_cpus
+from multifd_core.session.cpus import cgroup_quota, usable_cpus
 
 
 def test_affinity_counts(tmp_path: Path) -> None:
@@ -17,7 +17,7 @@ def test_affinity_counts(tmp_path: Path) -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs to tell affinity from the machine's count")
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from multifd_core.cpus import usable_cpus; "
+            "from multifd_core.session.cpus import usable_cpus; "
             f"print(usable_cpus(cgroup_root={str(tmp_path)!r}), os.cpu_count())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
@@ -63,11 +63,11 @@ def test_auto_uses_the_usable_count() -> None:
     """``--compression auto`` predicts with the CPUs the process may use (pinned: one)."""
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
             "import numpy as np\n"
-            "from multifd_core.auto import choose_method\n"
-            "from multifd_core.ram import RamBlock\n"
-            "from multifd_core.registry import MethodRegistry\n"
+            "from multifd_core.session.auto import predict_best\n"
+            "from multifd_core.engine.ram import RamBlock\n"
+            "from multifd_core.methods.registry import MethodRegistry\n"
             "block = RamBlock('pc.ram', np.ones(1 << 20, dtype=np.uint8))\n"
-            "_, report = choose_method([block], MethodRegistry(entry_points=False), 4, 1e9)\n"
+            "_, report = predict_best([block], MethodRegistry(entry_points=False), 4, 1e9)\n"
             "print(report['cores'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from multifd_core import Method, hookimpl, wire
+from multifd_core.engine.ram import RamBlock
+from multifd_core.engine.receiver import Receiver
 from multifd_core.errors import MultiFDError, TransportError, WireError
 from multifd_core.image import fill_mixed
 from multifd_core.loopback import migrate
-from multifd_core.ram import RamBlock
-from multifd_core.receiver import Receiver
-from multifd_core.registry import default_registry
+from multifd_core.methods.registry import default_registry
 from multifd_core.testing import wait_until
 
 PS = 4096
@@ -167,7 +167,7 @@ def test_sync_round_reports_missing_channels() -> None:
 
 
 def test_sender_rejects_bad_page_numbers() -> None:
-    from multifd_core.sender import Sender
+    from multifd_core.engine.sender import Sender
 
     a, b = socket.socketpair()
     s = Sender(default_registry().create("none"), [a], timeout=5)

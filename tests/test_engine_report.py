@@ -8,14 +8,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from multifd_core import session as session_mod
+from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import WireError
 from multifd_core.loopback import migrate
-from multifd_core.method import MethodOptions
-from multifd_core.protocol import SIDE_KEYS, Msg, parse_side
-from multifd_core.ram import RamBlock
-from multifd_core.registry import default_registry
-from multifd_core.report import describe, side_text
+from multifd_core.methods.method import MethodOptions
+from multifd_core.methods.registry import default_registry
+from multifd_core.session.report import describe, side_text
+from multifd_core.wire import connection
+from multifd_core.wire.protocol import SIDE_KEYS, parse_side
 
 GOOD = {"method": "zstd", "level": 1, "engine": "software", "kind": "software",
         "library": "zstd", "library_version": "1.5.5", "path": "native"}
@@ -52,14 +52,15 @@ def test_describe_names_the_path_an_instance_runs() -> None:
 def test_a_peer_without_engine_descriptions_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
     """ACCEPT and DONE as a peer from before the field sent them: the session runs and the
     summary says the peer's engine was not reported."""
-    real = session_mod._send_msg
+    real = connection._body
 
-    def old_peer(sock: Any, kind: Msg, body: dict[str, Any]) -> None:
-        if kind in (Msg.ACCEPT, Msg.DONE):
+    def old_peer(event: Any) -> dict[str, Any]:
+        body = real(event)
+        if isinstance(event, (connection.Accept, connection.Done)):
             body = {k: v for k, v in body.items() if k != "engine"}
-        real(sock, kind, body)
+        return body
 
-    monkeypatch.setattr(session_mod, "_send_msg", old_peer)
+    monkeypatch.setattr(connection, "_body", old_peer)
     src = RamBlock("pc.ram", np.arange(1 << 20, dtype=np.uint8))
     blocks, stats = migrate([src], method="none")
     assert np.array_equal(blocks[0].array, src.array)

@@ -33,11 +33,11 @@ from netkit import (
 )
 
 from multifd_core import wire
+from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import MultiFDError, TransportError, WireError
-from multifd_core.protocol import Msg
-from multifd_core.ram import RamBlock
 from multifd_core.session import send_session
-from multifd_core.transport import Address
+from multifd_core.session.transport import Address
+from multifd_core.wire.protocol import Msg
 
 CLI = [sys.executable, "-m", "multifd_core.cli"]
 BOUND = 6.0  # seconds: every fault here must end both sides within this (timeouts are 1-2 s)
@@ -197,9 +197,9 @@ PAUSING_SENDER = """
 import sys, time
 import numpy as np
 from multifd_core.errors import MultiFDError
-from multifd_core.ram import RamBlock
+from multifd_core.engine.ram import RamBlock
 from multifd_core.session import send_session
-from multifd_core.transport import parse_address
+from multifd_core.session.transport import parse_address
 
 addr, pause, timeout = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 block = RamBlock("ram", np.random.default_rng(0).integers(0, 255, 32 << 20, np.uint8))
@@ -428,9 +428,9 @@ HALVES_SENDER = """
 import sys, time
 import numpy as np
 from multifd_core.errors import MultiFDError
-from multifd_core.ram import RamBlock
+from multifd_core.engine.ram import RamBlock
 from multifd_core.session import send_session
-from multifd_core.transport import parse_address
+from multifd_core.session.transport import parse_address
 
 addr, pause = sys.argv[1], float(sys.argv[2])
 block = RamBlock("ram", np.random.default_rng(0).integers(0, 255, 2 << 20, np.uint8))

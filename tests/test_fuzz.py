@@ -24,8 +24,9 @@ from netkit import raw_packet, require_method
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
 import targets as fz  # noqa: E402
 
-from multifd_core import protocol, wire  # noqa: E402
-from multifd_core.harness import MethodHarness  # noqa: E402
+from multifd_core import wire  # noqa: E402
+from multifd_core.methods.harness import MethodHarness  # noqa: E402
+from multifd_core.wire import protocol
 
 TARGETS = fz.targets()
 CORPUS = Path(__file__).parent / "fuzz_corpus"

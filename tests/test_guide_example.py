@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from multifd_core.errors import MultiFDError
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
 from multifd_core.testing import MethodConformance, mixed_pages
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-a-plugin.md"

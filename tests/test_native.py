@@ -1,4 +1,4 @@
-"""The native-plugin toolkit (``multifd_core.native``) on a real library: ISA-L's libisal."""
+"""The native-plugin toolkit (``multifd_core.methods.native``) on a real library: libisal."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import sys
 import cffi
 import pytest
 
-from multifd_core import native
 from multifd_core.errors import LibraryNotFoundError, MultiFDError
-from multifd_core.native import LibrarySpec, hardware_engine_info, open_library, software_forced
+from multifd_core.methods import native
+from multifd_core.methods.native import (
+    LibrarySpec,
+    hardware_engine_info,
+    open_library,
+    software_forced,
+)
 from multifd_core.testing import require
 
 ENV = "MULTIFD_TEST_ISAL_LIBRARY"

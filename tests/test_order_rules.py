@@ -10,10 +10,11 @@ import socket
 import pytest
 from netkit import PS, RawSender, Served, frame, read_msg
 
-from multifd_core import protocol, wire
+from multifd_core import wire
+from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import WireError
-from multifd_core.protocol import Msg
-from multifd_core.ram import RamBlock
+from multifd_core.wire import protocol
+from multifd_core.wire.protocol import Msg
 
 TIMEOUT = 60.0
 BOUND = 20.0  # the test's own wait: far below TIMEOUT

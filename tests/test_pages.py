@@ -17,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multifd_core import wire
-from multifd_core.packetizer import plan_batch
-from multifd_core.pages import SCAN_BYTES, page_runs, zero_mask
+from multifd_core.errors import WireError
+from multifd_core.wire.packetizer import plan_batch
+from multifd_core.wire.pages import SCAN_BYTES, page_runs, zero_mask
 
 PS = 4096
 STEP = SCAN_BYTES // PS  # rows in one zero_mask scan step for 4 KiB pages
@@ -274,7 +275,7 @@ def test_header_writer_grows_and_shrinks_by_one() -> None:
 def test_header_writer_refuses_too_many_pages() -> None:
     c = wire.page_count(PS)
     w = wire.RamHeaderWriter(PS, 0, "ram")
-    with pytest.raises(wire.WireError, match="too many pages"):
+    with pytest.raises(WireError, match="too many pages"):
         w.fill(bytes(8 * c), bytes(8), 0, 1)
 
 

@@ -11,13 +11,13 @@ import socket
 import pytest
 
 from multifd_core import Method, hookimpl, wire
+from multifd_core.engine.ram import RamBlock
+from multifd_core.engine.receiver import Receiver
 from multifd_core.errors import MethodError, WireError
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
-from multifd_core.nocomp import NoCompression
-from multifd_core.ram import RamBlock
-from multifd_core.receiver import Receiver
-from multifd_core.registry import default_registry
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
+from multifd_core.methods.nocomp import NoCompression
+from multifd_core.methods.registry import default_registry
 
 PS = 4096
 

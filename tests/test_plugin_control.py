@@ -15,7 +15,7 @@ import pytest
 
 from multifd_core import API_VERSION
 from multifd_core.errors import PluginError, UnknownMethodError
-from multifd_core.registry import THIRD_PARTY_CODES, MethodRegistry, check_method_class
+from multifd_core.methods.registry import THIRD_PARTY_CODES, MethodRegistry, check_method_class
 
 METHOD = """
 from multifd_core import Method, hookimpl
@@ -219,7 +219,7 @@ def test_two_plugins_claiming_one_name_are_both_refused(site: Site) -> None:
 
 
 def test_an_out_of_range_code_is_named_in_hex_with_the_free_codes() -> None:
-    from multifd_core.method import Method
+    from multifd_core.methods.method import Method
 
     cls = type("X", (Method,), {"name": "x", "code": 0x40, "send_prepare": Method.send_setup,
                                 "recv": Method.send_setup})
@@ -250,7 +250,7 @@ def test_third_party_code_policy() -> None:
     """Values with two or more bits inside 0x3E are free; single bits belong to QEMU."""
     assert len(THIRD_PARTY_CODES) == 26
     assert all(c & 0x3E == c and bin(c).count("1") >= 2 for c in THIRD_PARTY_CODES)
-    from multifd_core.method import Method
+    from multifd_core.methods.method import Method
 
     def make(code: object) -> type:
         return type("X", (Method,), {"name": "x", "code": code,

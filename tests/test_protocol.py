@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from multifd_core.errors import NegotiationError, WireError
-from multifd_core.protocol import (
+from multifd_core.methods.registry import MethodRegistry
+from multifd_core.session.negotiate import negotiate_method
+from multifd_core.wire.protocol import (
     FRAME_LEN,
     Hello,
     Msg,
     Offer,
-    choose_method,
     decode_body,
     decode_frame,
     encode,
     parse_hello,
 )
-from multifd_core.registry import MethodRegistry
 
 
 def hello_body(**kw) -> dict:
@@ -83,30 +83,32 @@ def test_negotiation() -> None:
     reg = MethodRegistry(entry_points=False)
     hello = parse_hello(hello_body(offers=[{"name": "zstd", "code": 4, "version": "1"},
                                            {"name": "none", "code": 0, "version": "1"}]))
-    assert choose_method(hello, reg, None) == "none"  # first offer the receiver can decode
+    assert negotiate_method(hello, reg, None) == "none"  # first offer the receiver can decode
     with pytest.raises(NegotiationError, match="sender requires method zstd, which the "
                                                "receiver does not have .*pip install "
                                                "multifd-zstd"):
-        choose_method(parse_hello({**hello_body(), "method": "zstd",
+        negotiate_method(parse_hello({**hello_body(), "method": "zstd",
                                    "offers": [{"name": "zstd", "code": 4}]}), reg, None)
     with pytest.raises(NegotiationError, match="receiver requires method qpl; the sender "
                                                "offers none: install it on the sender"):
-        choose_method(parse_hello(hello_body()), reg, "qpl")
+        negotiate_method(parse_hello(hello_body()), reg, "qpl")
     with pytest.raises(NegotiationError, match="sender requires method none, receiver "
                                                "requires zlib"):
-        choose_method(parse_hello(hello_body(method="none")), reg, "zlib")
+        negotiate_method(parse_hello(hello_body(method="none")), reg, "zlib")
     with pytest.raises(NegotiationError, match="code 0x02 on the sender and 0x00"):
-        choose_method(parse_hello(hello_body(offers=[{"name": "none", "code": 2}])), reg, None)
+        negotiate_method(parse_hello(hello_body(offers=[{"name": "none", "code": 2}])), reg, None)
 
 
 def test_link_probe_is_bounded_and_answered() -> None:
     """A receiver answers PROBE_END with what it timed, and refuses an endless probe."""
     import threading
 
-    from multifd_core import protocol
-    from multifd_core.ram import RamBlock
+    from multifd_core.engine.ram import RamBlock
     from multifd_core.session import ReceiveSession, probe_link
-    from multifd_core.transport import Address, bound_address, connect, listen
+    from multifd_core.session.mainchannel import MainChannel
+    from multifd_core.session.transport import Address, bound_address, connect, listen
+    from multifd_core.wire import protocol
+    from multifd_core.wire.connection import Connection, Role
 
     listener = listen(Address("tcp", host="127.0.0.1", port=0))
     addr = bound_address(listener, Address("tcp", host="127.0.0.1"))
@@ -117,7 +119,8 @@ def test_link_probe_is_bounded_and_answered() -> None:
     t.start()
     main = connect(addr)
     main.settimeout(10)
-    assert probe_link(main, seconds=0.05, max_bytes=4 << 20) > 0
+    channel = MainChannel(main, Connection(Role.SENDER), timeout=10)
+    assert probe_link(channel, seconds=0.05, max_bytes=4 << 20) > 0
     frame = protocol.encode_raw(Msg.PROBE, bytes(1 << 20))
     try:
         for _ in range(protocol.MAX_PROBE_BYTES // len(frame) + 50):  # past the bound

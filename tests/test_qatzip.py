@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
 from multifd_core.testing import (
     MethodConformance,
     assert_struct_layout,
@@ -38,7 +38,7 @@ try:
     from multifd_qatzip import _ffi, engines, gzipqz
     from multifd_qatzip.method import Qatzip
 
-    from multifd_core import native as _native
+    from multifd_core.methods import native as _native
 except ImportError:  # pragma: no cover - depends on the environment
     if in_ci():
         raise
@@ -184,8 +184,8 @@ def test_qat_devices_found_by_node_or_vfio_binding(tmp_path):
 
 NOISE_SCRIPT = """
 import os, sys
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
 from multifd_core.testing import mixed_pages
 from multifd_qatzip.method import Qatzip
 import numpy as np
@@ -480,7 +480,7 @@ def test_layout_helper_names_a_wrong_declaration():
 @pytest.mark.parametrize("engine", ["software", "libqatzip"])
 def test_loopback_migration_per_engine(engine):
     loopback = pytest.importorskip("multifd_core.loopback")
-    from multifd_core.ram import RamBlock
+    from multifd_core.engine.ram import RamBlock
 
     if engine == "libqatzip":
         need_library()

@@ -17,8 +17,8 @@ import pytest
 from layoutkit import check_optional_header
 
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
 from multifd_core.testing import (
     MethodConformance,
     in_ci,
@@ -33,7 +33,7 @@ try:
     from multifd_qpl import _ffi, engines, software
     from multifd_qpl.method import Qpl
 
-    from multifd_core import perpage
+    from multifd_core.methods import perpage
 except ImportError:  # pragma: no cover - depends on the environment
     if in_ci():
         raise
@@ -302,7 +302,7 @@ def test_hardware_path_is_exercised_only_with_a_device():
 
 def test_loopback_migration_software():
     loopback = pytest.importorskip("multifd_core.loopback")
-    from multifd_core.ram import RamBlock
+    from multifd_core.engine.ram import RamBlock
 
     block = RamBlock.zeros("pc.ram", 300 * PAGE)
     block.array[:] = image(300, 10).reshape(-1)

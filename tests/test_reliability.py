@@ -32,12 +32,13 @@ from netkit import (
     require_method,
 )
 
-from multifd_core import protocol, wire
+from multifd_core import wire
+from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import MultiFDError, NegotiationError, TransportError, WireError
-from multifd_core.outdir import FileOutput, OutputDir, block_file_name
-from multifd_core.protocol import Msg
-from multifd_core.ram import RamBlock
 from multifd_core.session import send_session
+from multifd_core.session.outdir import FileOutput, OutputDir, block_file_name
+from multifd_core.wire import protocol
+from multifd_core.wire.protocol import Msg
 
 CLI = [sys.executable, "-m", "multifd_core.cli"]
 
@@ -84,7 +85,7 @@ def test_recv_never_writes_through_planted_links(tmp_path: Path) -> None:
     addr = f"tcp:127.0.0.1:{free_port()}"
     recv = recv_proc(out, addr, "--timeout", "10")
     block = random_block()
-    from multifd_core.transport import parse_address
+    from multifd_core.session.transport import parse_address
     send_session([block], parse_address(addr), method="none", channels=2, timeout=10,
                  connect_timeout=20)
     rc, err = finish(recv, 30)
@@ -279,8 +280,8 @@ def test_zstd_decoder_window_is_the_senders_level() -> None:
     import zstandard
     from multifd_zstd import MAX_WINDOW, Zstd
 
-    from multifd_core.harness import MethodHarness
-    from multifd_core.method import MethodOptions
+    from multifd_core.methods.harness import MethodHarness
+    from multifd_core.methods.method import MethodOptions
 
     assert Zstd(MethodOptions(level=1)).window == 1 << 19
     assert Zstd(MethodOptions()).window == MAX_WINDOW  # level unknown (a QEMU capture)
@@ -394,7 +395,7 @@ def test_recv_replaces_a_stale_unix_socket(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(path)
     stale.close()  # the file stays, nobody listens
-    from multifd_core.transport import Address, listen
+    from multifd_core.session.transport import Address, listen
 
     lst = listen(Address("unix", path=path))
     lst.close()

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from netkit import IN_CI, PS, FlipProxy, Served, assert_no_engine_threads
 
-from multifd_core import sockio
+from multifd_core.engine import sockio
+from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import MultiFDError, TransportError
 from multifd_core.image import fill_mixed
-from multifd_core.ram import RamBlock
 from multifd_core.session import send_session
-from multifd_core.transport import client_context, server_context
+from multifd_core.session.transport import client_context, server_context
 
 CLI = [sys.executable, "-m", "multifd_core.cli"]
 

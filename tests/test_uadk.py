@@ -17,8 +17,8 @@ import pytest
 from layoutkit import check_optional_header
 
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
 from multifd_core.testing import (
     MethodConformance,
     in_ci,
@@ -288,7 +288,7 @@ def test_declarations_match_the_header_layout():
 
 def test_loopback_migration_software():
     loopback = pytest.importorskip("multifd_core.loopback")
-    from multifd_core.ram import RamBlock
+    from multifd_core.engine.ram import RamBlock
 
     block = RamBlock.zeros("pc.ram", 300 * PAGE)
     block.array[:] = image(300, 10).reshape(-1)

@@ -118,7 +118,7 @@ def _packet(**kw) -> wire.RamPacket:
 
 
 def _validate(pkt: wire.RamPacket, code: int = 0) -> None:
-    wire.validate_ram_packet(pkt, page_size=PS, block_length={b"pc.ram": 16 * PS}.get,
+    wire.validate_ram_packet(pkt, page_size=PS, block_lengths={b"pc.ram": 16 * PS},
                              method_code=code, max_payload=lambda n: n * PS)
 
 

@@ -9,9 +9,9 @@ import pytest
 from bombkit import assert_bomb_refused
 
 from multifd_core.errors import MethodError, MultiFDError, UnknownMethodError
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
-from multifd_core.registry import MethodRegistry
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
+from multifd_core.methods.registry import MethodRegistry
 from multifd_core.testing import MethodConformance, in_ci, make_pages, mixed_pages, require
 
 try:
@@ -230,7 +230,7 @@ def test_loopback_migration_rounds(channels: int, level: int) -> None:
     """A native session over loopback TCP: a full round, then rounds of re-dirtied pages."""
     loopback = pytest.importorskip("multifd_core.loopback",
                                    reason="multifd_core.loopback is not written yet")
-    from multifd_core.ram import RamBlock
+    from multifd_core.engine.ram import RamBlock
 
     require("zlib" in MethodRegistry(), "multifd-zlib has no entry point here: "
                                         "pip install -e plugins/zlib")

@@ -7,9 +7,9 @@ import pytest
 from bombkit import assert_bomb_refused
 
 from multifd_core.errors import MethodError, MultiFDError, UnknownMethodError
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
-from multifd_core.registry import MethodRegistry
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
+from multifd_core.methods.registry import MethodRegistry
 from multifd_core.testing import MethodConformance, in_ci, make_pages, mixed_pages, require
 
 try:
@@ -232,7 +232,7 @@ def test_loopback_migration_rounds(channels: int, level: int) -> None:
     """A native session over loopback TCP: a full round, then rounds of re-dirtied pages."""
     loopback = pytest.importorskip("multifd_core.loopback",
                                    reason="multifd_core.loopback is not written yet")
-    from multifd_core.ram import RamBlock
+    from multifd_core.engine.ram import RamBlock
 
     require("zstd" in MethodRegistry(), "multifd-zstd has no entry point here: "
                                         "pip install -e plugins/zstd")
@@ -267,8 +267,8 @@ def test_small_overflow_does_not_leak_native_memory() -> None:
     import numpy as np
 
     from multifd_core.errors import MethodError
-    from multifd_core.harness import MethodHarness
-    from multifd_core.registry import default_registry
+    from multifd_core.methods.harness import MethodHarness
+    from multifd_core.methods.registry import default_registry
 
     h = MethodHarness(default_registry().create("zstd"))
     payload = h.encode(np.full((3, 4096), 7, dtype=np.uint8))  # 3 pages, declared as 2

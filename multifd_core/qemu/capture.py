@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.ram import RamBlock
+from multifd_core.engine.receiver import Receiver
 from multifd_core.errors import MultiFDError, TransportError, io_error
-from multifd_core.limits import DEFAULT_MAX_MEMORY, check_receive_memory, ensure_open_files
-from multifd_core.method import MethodOptions
-from multifd_core.outdir import PARTIAL, FileOutput, printable
+from multifd_core.methods.method import MethodOptions
+from multifd_core.methods.registry import MethodRegistry, default_registry
 from multifd_core.qemu import stream as qs
-from multifd_core.ram import RamBlock
-from multifd_core.receiver import Receiver
-from multifd_core.registry import MethodRegistry, default_registry
-from multifd_core.transport import ConnectionGate, Refusals
+from multifd_core.session.limits import DEFAULT_MAX_MEMORY, check_receive_memory, ensure_open_files
+from multifd_core.session.outdir import PARTIAL, FileOutput, printable
+from multifd_core.session.transport import ConnectionGate, Refusals, accept_until
 from multifd_core.wire import INIT_LEN, InitPacket, decode_init, format_uuid, validate_init
 from multifd_core.wire import MAGIC as MULTIFD_MAGIC
 from multifd_core.wire import VERSION as MULTIFD_VERSION
@@ -155,9 +155,7 @@ class QemuCapture:
             self._fail(TransportError(f"cannot accept connections: {exc.strerror or exc}"))
             return
         try:
-            while not self._stop.is_set():
-                for sock, head in gate.poll(_POLL):
-                    self._classify(sock, head)
+            accept_until(gate, self._classify, self._stop.is_set)
         except MultiFDError as exc:  # the source's own channel breaks a rule
             self._fail(exc)
         except Exception as exc:  # never leave the session waiting on a dead acceptor

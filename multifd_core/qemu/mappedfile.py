@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import MultiFDError, io_error
-from multifd_core.outdir import PARTIAL, OutputDir
-from multifd_core.pages import zero_mask
 from multifd_core.qemu import mappedram as mr
 from multifd_core.qemu import stream as qs
 from multifd_core.qemu.chunks import (
@@ -34,7 +33,8 @@ from multifd_core.qemu.chunks import (
     run_chunks,
     write_all,
 )
-from multifd_core.ram import RamBlock
+from multifd_core.session.outdir import PARTIAL, OutputDir
+from multifd_core.wire.pages import zero_mask
 
 #: Bytes read from the file per step of the main stream.
 _READ = 1 << 16

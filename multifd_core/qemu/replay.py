@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.ram import RamBlock
+from multifd_core.engine.sender import Sender
 from multifd_core.errors import MultiFDError, TransportError
-from multifd_core.method import MethodOptions
+from multifd_core.methods.method import MethodOptions
+from multifd_core.methods.registry import MethodRegistry, default_registry
 from multifd_core.qemu import stream as qs
 from multifd_core.qemu.capture import MANIFEST_FORMAT
-from multifd_core.ram import RamBlock
-from multifd_core.registry import MethodRegistry, default_registry
-from multifd_core.sender import Sender
-from multifd_core.transport import Address, connect
+from multifd_core.session.transport import Address, connect
 
 
 class ReplayError(MultiFDError):

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from multifd_core.errors import MultiFDError
-from multifd_core.outdir import FileOutput
 from multifd_core.qemu import mappedram as mr
 from multifd_core.qemu import stream as qs
 from multifd_core.qemu.capture import (
@@ -47,6 +46,7 @@ from multifd_core.qemu.mappedfile import (
     sync_mode,
 )
 from multifd_core.qemu.replay import Capture, load_capture
+from multifd_core.session.outdir import FileOutput
 from multifd_core.wire import format_uuid
 
 DEFAULT_THREADS = 4

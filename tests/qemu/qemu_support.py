@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from multifd_core.methods.registry import default_registry
 from multifd_core.qemu.capture import QemuCapture
 from multifd_core.qemu.vm import GuestConfig, QemuVM, qemu_missing_reason
-from multifd_core.registry import default_registry
 
 DATA = Path(__file__).parent / "data"
 MIB = 64

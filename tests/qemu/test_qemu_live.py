@@ -17,8 +17,8 @@ from qemu_support import Lab, assert_same_ram, incoming_port, require_method, sh
 from multifd_core import wire
 from multifd_core.errors import MultiFDError
 from multifd_core.qemu.replay import load_capture, replay
+from multifd_core.session.transport import parse_address
 from multifd_core.testing import wait_until
-from multifd_core.transport import parse_address
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 MEM_LEN = 64 << 20

@@ -21,7 +21,7 @@ from multifd_core.qemu.mappedfile import open_mapped_ram
 from multifd_core.qemu.replay import load_capture, replay
 from multifd_core.qemu.snapshot import export_capture, import_file, load_file_capture
 from multifd_core.qemu.vm import QemuVM
-from multifd_core.transport import parse_address
+from multifd_core.session.transport import parse_address
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 N_PAGES = 0x4082000 // 4096  # every block of the 64 MiB pc and q35 guests

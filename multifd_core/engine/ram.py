@@ -15,6 +15,7 @@ import numpy as np
 
 from multifd_core.errors import MultiFDError, io_error
 from multifd_core.wire import RAMBLOCK_NAME_LEN, check_page_size
+from multifd_core.wire.pages import page_runs
 
 
 class RamBlock:
@@ -116,6 +117,10 @@ class RamBlock:
                 _pwrite_all(self._fd, view[a * ps : b * ps], self._fd_offset + page * ps)
         except OSError as exc:
             raise self.write_error(exc) from None
+
+    def page_views(self, index: np.ndarray) -> list[memoryview]:
+        """Writable views of pages ``index`` (one per run of adjacent pages), in order."""
+        return page_runs(self.array, index, self.page_size)
 
     def write_error(self, exc: OSError) -> MultiFDError:
         """A failed store into this block as one line naming its file. A store through the

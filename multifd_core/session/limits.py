@@ -6,7 +6,7 @@ import os
 import resource
 
 from multifd_core.errors import MultiFDError, NegotiationError
-from multifd_core.method import Method
+from multifd_core.methods.method import Method
 from multifd_core.wire import ram_packet_len
 
 #: Default cap on a receiver's buffers and decoder state over all channels: 1 GiB.

@@ -17,8 +17,8 @@ import os
 import stat
 from typing import IO, Any
 
+from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import MultiFDError, io_error
-from multifd_core.ram import RamBlock
 
 log = logging.getLogger("multifd.outdir")
 

@@ -1,6 +1,6 @@
 """``--compression auto``: predict each method's migration time from a sample, pick the fastest.
 
-``choose_method`` takes ``packets`` packets spread evenly over the blocks, splits off the zero
+``predict_best`` takes ``packets`` packets spread evenly over the blocks, splits off the zero
 pages (which never reach a method), encodes and decodes the normal pages with every candidate
 through its own hooks on one core, and predicts the whole migration's time as the slowest of
 
@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from multifd_core.cpus import usable_cpus
+from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import MultiFDError
-from multifd_core.harness import MethodHarness
-from multifd_core.method import MethodOptions
-from multifd_core.pages import zero_mask
-from multifd_core.ram import RamBlock
-from multifd_core.registry import MethodRegistry
+from multifd_core.methods.harness import MethodHarness
+from multifd_core.methods.method import MethodOptions
+from multifd_core.methods.registry import MethodRegistry
+from multifd_core.session.cpus import usable_cpus
 from multifd_core.wire import page_count, ram_packet_len
+from multifd_core.wire.pages import zero_mask
 
 #: The default sample: 64 packets of 128 pages (32 MiB with 4 KiB pages).
 SAMPLE_PACKETS = 64
@@ -191,7 +191,7 @@ def default_candidates(registry: MethodRegistry) -> list[Candidate]:
     return [Candidate(e.name) for e in registry.entries() if e.cls.available()[0]]
 
 
-def choose_method(blocks: Sequence[RamBlock], registry: MethodRegistry, channels: int,
+def predict_best(blocks: Sequence[RamBlock], registry: MethodRegistry, channels: int,
                   link_bytes_per_s: float, *, candidates: Sequence[Candidate] | None = None,
                   packets: int = SAMPLE_PACKETS, cores: float | None = None,
                   socket_bytes_per_s: float | None = None,
@@ -244,7 +244,7 @@ def choose_method(blocks: Sequence[RamBlock], registry: MethodRegistry, channels
 # The session protocol can measure the link before choosing: after ACCEPT, the sender pushes
 # incompressible bytes for ``seconds`` over its channel connections (``probe_send``), the
 # receiver counts them from the first to the last byte (``probe_receive``) and answers with
-# the rate; both sides then pass it to ``choose_method``.
+# the rate; both sides then pass it to ``predict_best``.
 
 _PROBE_CHUNK = 256 * 1024
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from multifd_core import API_VERSION
 from multifd_core.errors import MultiFDError
-from multifd_core.hookspecs import hookimpl
+from multifd_core.methods.hookspecs import hookimpl
+
+#: The method-plugin API version this core implements. A plugin declares the API it was
+#: built for (``Method.api_version``); a plugin whose major version differs is refused.
+API_VERSION = "1.0"
 
 #: QEMU's receive buffer for zlib, zstd and qatzip payloads; no method's payload may exceed it.
 MAX_COMPRESSED_PAYLOAD = 1 << 20

@@ -9,29 +9,25 @@ unless ``fresh=False``.
 
 from __future__ import annotations
 
-import errno
 import logging
 import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from multifd_core.context import ChannelContext, ChannelStats, RecvPacket
+from multifd_core.engine.pipeline import ChannelDecoder, Target
+from multifd_core.engine.ram import RamBlock
+from multifd_core.engine.sockio import PeerClosed, recv_into_all, recvmsg_into_all, set_timeout
 from multifd_core.errors import MultiFDError, TransportError, WireError
-from multifd_core.method import Method
-from multifd_core.pages import offsets_to_index, page_runs
-from multifd_core.ram import RamBlock
-from multifd_core.registry import bind
-from multifd_core.sockio import PeerClosed, recv_into_all, recvmsg_into_all, set_timeout
+from multifd_core.methods.context import ChannelStats
+from multifd_core.methods.hookspecs import bind
+from multifd_core.methods.method import Method
 from multifd_core.wire import (
     DEVICE_STATE_LEN,
     FLAG_DEVICE_STATE,
-    FLAG_SYNC,
     HEADER_LEN,
     INIT_LEN,
     InitPacket,
@@ -39,20 +35,12 @@ from multifd_core.wire import (
     decode_header,
     decode_init,
     decode_ram_packet,
-    ram_packet_len,
     validate_device_state,
     validate_init,
-    validate_ram_packet,
 )
 
 log = logging.getLogger("multifd.receiver")
 _POLL = 0.2
-
-
-@dataclass
-class _Target:
-    block: RamBlock
-    received: np.ndarray = field(repr=False)
 
 
 DeviceStateHandler = Callable[[str, int, memoryview], None]
@@ -74,7 +62,7 @@ class Receiver:
         self.timeout = timeout
         self.fresh = fresh
         self.on_device_state = on_device_state
-        self._targets: dict[bytes, _Target] = {}
+        self._targets: dict[bytes, Target] = {}
         self._blocks_ready = threading.Event()
         self._arrived = threading.Semaphore(0)
         self._release = [threading.Semaphore(0) for _ in range(channels)]
@@ -100,7 +88,7 @@ class Receiver:
                                    f"{self.page_size}")
             if not b.writable:
                 raise MultiFDError(f"ramblock {b.name} is not writable")
-            self._targets[b.name.encode()] = _Target(b, np.zeros(b.n_pages, dtype=bool))
+            self._targets[b.name.encode()] = Target.of(b)
         self._blocks_ready.set()
 
     def read_init(self, sock: socket.socket) -> InitPacket:
@@ -270,12 +258,13 @@ class Receiver:
     # ------------------------------------------------------------------ channel threads
 
     def _run(self, cid: int, sock: socket.socket) -> None:
-        ctx = ChannelContext(cid, self.page_size)
+        decoder = ChannelDecoder(self.method, cid, fresh=self.fresh, stats=self.stats[cid],
+                                 hooks=self.hooks)
         setup = False
         try:
-            self.hooks.recv_setup(channel=ctx)
+            decoder.setup()
             setup = True
-            self._loop(cid, sock, ctx)
+            self._loop(cid, sock, decoder)
         except BaseException as exc:
             if isinstance(exc, WireError):
                 exc.on_channel(cid)
@@ -291,18 +280,16 @@ class Receiver:
         finally:
             if setup:
                 try:
-                    self.hooks.recv_cleanup(channel=ctx)
+                    decoder.cleanup()
                 except Exception as exc:
                     self.fail(exc)
 
-    def _loop(self, cid: int, sock: socket.socket, ctx: ChannelContext) -> None:
-        ps = self.page_size
-        plen = ram_packet_len(ps)
-        buf = bytearray(plen)
-        view = memoryview(buf)
-        payload = _PayloadBuffer()
+    def _loop(self, cid: int, sock: socket.socket, decoder: ChannelDecoder) -> None:
+        """Packets off the socket into the decoder, until EOF at a packet boundary."""
+        plen = decoder.packet_len
+        view = memoryview(bytearray(plen))
+        source = SocketSource(sock)
         st = self.stats[cid]
-        code = self.method.code
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         while True:
@@ -326,34 +313,14 @@ class Receiver:
             except PeerClosed:
                 raise WireError("multifd: unexpected EOF after packet header", field="packet",
                                 received="EOF", expected=f"{plen} bytes") from None
-            pkt = decode_ram_packet(view, ps)
-            validate_ram_packet(pkt, page_size=ps, block_length=self._block_length,
-                                method_code=code, max_payload=self.method.max_payload)
-            st.wire_bytes += plen + pkt.next_packet_size
-            st.max_packet_num = max(st.max_packet_num, pkt.packet_num)
-            if pkt.normal_pages or pkt.zero_pages:
+            if decoder.targets is None and ChannelDecoder.carries_pages(
+                    decode_ram_packet(view, self.page_size)):
                 self._wait_blocks()
-                target = self._targets[_name(pkt.ramblock)]
-                pages = target.block.pages
-                if pkt.zero_pages:
-                    zidx = offsets_to_index(pkt.zero_offsets, ps)
-                    todo = zidx[target.received[zidx]] if self.fresh else zidx
-                    if len(todo):
-                        pages[todo] = 0
-                    target.received[zidx] = True
-                if pkt.normal_pages:
-                    # A page named twice in one packet is written twice, inside the block:
-                    # harmless, so not checked on the hot path.
-                    nidx = offsets_to_index(pkt.normal_offsets, ps)
-                    self._decode(sock, ctx, pkt, target, nidx, payload)
-                    target.received[nidx] = True
-                st.packets += 1
-                st.normal_pages += pkt.normal_pages
-                st.zero_pages += pkt.zero_pages
-                st.payload_bytes += pkt.next_packet_size
+                decoder.use_blocks(self._targets)
+            pkt = decoder.packet(view)
+            decoder.apply(pkt, source)
             self._last_progress = time.monotonic()
             if pkt.is_sync:
-                st.sync_packets += 1
                 self._at_sync.add(cid)
                 self._check_unpaired_sync()
                 self._arrived.release()
@@ -384,44 +351,6 @@ class Receiver:
         """Record progress made outside the channels (the main channel's reader calls it)."""
         self._last_progress = time.monotonic()
 
-    def _decode(self, sock: socket.socket, ctx: ChannelContext, pkt: Any, target: _Target,
-                nidx: np.ndarray, payload: _PayloadBuffer) -> None:
-        ps = self.page_size
-        block = target.block
-        n = len(nidx)
-
-        def read(size: int) -> memoryview:
-            mv = payload.view(size)
-            try:
-                recv_into_all(sock, mv, "a packet payload")
-            except PeerClosed:
-                raise WireError("multifd: unexpected EOF in packet payload",
-                                field="payload", received="EOF",
-                                expected=f"{size} bytes") from None
-            return mv
-
-        def readinto_pages() -> None:
-            try:
-                recvmsg_into_all(sock, page_runs(block.array, nidx, ps), n * ps,
-                                 "a packet payload")
-            except PeerClosed:
-                raise WireError("multifd: unexpected EOF in packet payload", field="payload",
-                                received="EOF", expected=f"{n * ps} bytes") from None
-            except OSError as exc:
-                if exc.errno == errno.EFAULT:  # a page of a sparse file the disk cannot hold
-                    raise block.write_error(exc) from None
-                raise
-
-        def write(data: Any) -> None:
-            block.write_pages(nidx, data)
-
-        packet = RecvPacket(channel_id=ctx.id, packet_num=pkt.packet_num,
-                            flags=pkt.flags & ~FLAG_SYNC, normal_pages=n,
-                            next_packet_size=pkt.next_packet_size, page_size=ps, read=read,
-                            readinto_pages=readinto_pages, write=write)
-        self.hooks.recv(channel=ctx, packet=packet)
-        packet.check_consumed(self.method.name)
-
     def _device_state(self, sock: socket.socket, view: memoryview,
                       st: ChannelStats) -> None:
         try:
@@ -445,27 +374,32 @@ class Receiver:
                 break
         self.check()
 
-    def _block_length(self, name: bytes) -> int | None:
-        if not self._blocks_ready.is_set():
-            self._wait_blocks()
-        t = self._targets.get(name)
-        return None if t is None else t.block.used_length
 
+class SocketSource:
+    """A ``PayloadSource`` on a channel's socket: ``read`` into a buffer allocated on first
+    use (a method that reads the payload straight into the pages never needs one) and grown
+    to the largest payload; ``readinto`` scatters straight into the pages."""
 
-class _PayloadBuffer:
-    """A channel's payload buffer, allocated on first use (a method that reads the payload
-    straight into the pages never needs one) and grown to the largest payload read."""
+    __slots__ = ("sock", "_buf")
 
-    __slots__ = ("_buf",)
-
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self._buf = bytearray(0)
 
-    def view(self, size: int) -> memoryview:
+    def read(self, size: int) -> memoryview:
         if len(self._buf) < size:
             self._buf = bytearray(size)
-        return memoryview(self._buf)[:size]
+        view = memoryview(self._buf)[:size]
+        try:
+            recv_into_all(self.sock, view, "a packet payload")
+        except PeerClosed:
+            raise WireError("multifd: unexpected EOF in packet payload", field="payload",
+                            received="EOF", expected=f"{size} bytes") from None
+        return view
 
-
-def _name(raw: bytes) -> bytes:
-    return raw.split(b"\0", 1)[0] if b"\0" in raw else raw[:255]
+    def readinto(self, views: list[memoryview], total: int) -> None:
+        try:
+            recvmsg_into_all(self.sock, views, total, "a packet payload")
+        except PeerClosed:
+            raise WireError("multifd: unexpected EOF in packet payload", field="payload",
+                            received="EOF", expected=f"{total} bytes") from None

@@ -22,10 +22,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from multifd_core.context import ChannelContext, RecvPacket, SendPacket
 from multifd_core.errors import MethodError
-from multifd_core.hookspecs import hookimpl
-from multifd_core.method import Method
+from multifd_core.methods.context import ChannelContext, RecvPacket, SendPacket
+from multifd_core.methods.hookspecs import hookimpl
+from multifd_core.methods.method import Method
 
 __all__ = [
     "LENGTH", "PacketCodec", "PageCodec", "PerPageMethod", "SoftwareEngine", "check_lengths",

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from multifd_core.errors import NegotiationError, WireError
-from multifd_core.registry import KNOWN_DISTRIBUTIONS, MethodRegistry
-from multifd_core.wire import RAMBLOCK_NAME_LEN, check_page_size
+from multifd_core.errors import WireError
+from multifd_core.wire.packets import RAMBLOCK_NAME_LEN, check_page_size
 
 MAGIC = b"MFDS"
 PROTO_VERSION = 1
@@ -199,56 +198,6 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _hint(name: str) -> str:
-    dist = KNOWN_DISTRIBUTIONS.get(name)
-    return f" (pip install {dist})" if dist else ""
-
-
-def choose_method(hello: Hello, registry: MethodRegistry, forced: str | None) -> str:
-    """The receiver's choice: the method forced by either side, else the first offer it can
-    decode. Raises NegotiationError naming what each side has and what to install."""
-    offered = [o.name for o in hello.offers]
-    here = [e.name for e in registry.entries() if e.cls.available()[0]]
-    wanted = forced or hello.method
-    if forced and hello.method and forced != hello.method:
-        raise NegotiationError(f"sender requires method {hello.method}, receiver requires "
-                               f"{forced}")
-    if wanted:
-        if wanted not in offered:
-            raise NegotiationError(
-                f"receiver requires method {wanted}; the sender offers {', '.join(offered)}: "
-                f"install it on the sender{_hint(wanted)}")
-        if wanted not in registry:
-            if registry.excluded_plugin(wanted):
-                raise NegotiationError(
-                    f"sender requires method {wanted}, which is installed on the receiver but "
-                    f"excluded by MULTIFD_PLUGINS there (receiver has "
-                    f"{', '.join(registry.names())})")
-            raise NegotiationError(
-                f"sender requires method {wanted}, which the receiver does not have "
-                f"(receiver has {', '.join(registry.names())}): install it on the receiver"
-                f"{_hint(wanted)}")
-        ok, why = registry.get(wanted).cls.available()
-        if not ok:
-            raise NegotiationError(f"method {wanted} cannot run on the receiver: {why}")
-        _check_code(hello, registry, wanted)
-        return wanted
-    for name in offered:
-        if name in here:
-            _check_code(hello, registry, name)
-            return name
-    raise NegotiationError(f"no common method: sender offers {', '.join(offered)}; receiver "
-                           f"has {', '.join(here)}")
-
-
-def _check_code(hello: Hello, registry: MethodRegistry, name: str) -> None:
-    theirs = next(o for o in hello.offers if o.name == name)
-    ours = registry.get(name).code
-    if theirs.code != ours:
-        raise NegotiationError(f"method {name} has code {theirs.code:#04x} on the sender and "
-                               f"{ours:#04x} on the receiver")
 
 
 #: The fields of a side's engine description, with the JSON types each may take.

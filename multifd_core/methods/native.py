@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import cffi
 
 from multifd_core.errors import LibraryNotFoundError, MultiFDError
-from multifd_core.method import EngineInfo
+from multifd_core.methods.method import EngineInfo
 
 __all__ = [
     "ENGINE_SWITCH_VALUES", "LibrarySpec", "OpenLibrary", "candidates", "clear_cache",

@@ -13,6 +13,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from multifd_core.errors import TransportError
 
@@ -386,3 +387,26 @@ class ConnectionGate:
     def _drop(self, p: _Pending, why: str) -> None:
         self._forget(p)
         self.reject(p.sock, why)
+
+
+def accept_until(gate: ConnectionGate, handle: Callable[[socket.socket, bytes], None],
+                 done: Callable[[], bool], poll: float = 0.2) -> None:
+    """Hand every connection that delivered its opening bytes to ``handle(sock, head)``,
+    until ``done()``."""
+    while not done():
+        for sock, head in gate.poll(poll):
+            handle(sock, head)
+
+
+def endpoints(sock: socket.socket) -> str:
+    """``local -> peer`` addresses of a connected socket, for logs."""
+    try:
+        return f"{_address_text(sock.getsockname())} -> {_address_text(sock.getpeername())}"
+    except OSError:
+        return "?"
+
+
+def _address_text(addr: Any) -> str:
+    if isinstance(addr, tuple):
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr) or "unix"

@@ -16,7 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from multifd_core.context import ChannelContext, RecvPacket, SendPacket
+    from multifd_core.methods.context import ChannelContext, RecvPacket, SendPacket
 
 PROJECT = "multifd"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -68,3 +68,12 @@ class MethodSpec:
     @hookspec(firstresult=True)
     def recv_cleanup(self, channel: ChannelContext) -> None:
         """Free ``channel.state``. Called once per channel, also after errors."""
+
+
+def bind(method: Any) -> Any:
+    """The hook caller for one session: a plugin manager holding only ``method``, so the
+    negotiated method is resolved once and each call costs a few microseconds."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(MethodSpec)
+    pm.register(method)
+    return pm.hook

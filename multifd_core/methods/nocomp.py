@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from multifd_core.context import ChannelContext, RecvPacket, SendPacket
-from multifd_core.hookspecs import hookimpl
-from multifd_core.method import EngineInfo, Method
+from multifd_core.methods.context import ChannelContext, RecvPacket, SendPacket
+from multifd_core.methods.hookspecs import hookimpl
+from multifd_core.methods.method import EngineInfo, Method
 
 
 class NoCompression(Method):

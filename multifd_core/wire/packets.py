@@ -9,7 +9,7 @@ the received and the expected value.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,8 +177,13 @@ class RamPacket:
         return bool(self.flags & FLAG_SYNC)
 
     @property
+    def name(self) -> bytes:
+        """The ramblock name: the field's bytes up to its NUL."""
+        return block_name(self.ramblock)
+
+    @property
     def block_name(self) -> str:
-        return self.ramblock.decode("utf-8", "replace")
+        return self.name.decode("utf-8", "replace")
 
     @property
     def normal_offsets(self) -> np.ndarray:
@@ -269,13 +274,14 @@ def validate_ram_packet(
     pkt: RamPacket,
     *,
     page_size: int,
-    block_length: Callable[[bytes], int | None],
+    block_lengths: Mapping[bytes, int],
     method_code: int,
     max_payload: Callable[[int], int],
 ) -> None:
     """The receiver's checks on a RAM packet, in QEMU's order, plus the ones QEMU lacks.
 
-    ``block_length(name)`` gives a block's used length, or None for an unknown block.
+    ``block_lengths`` maps each block's name to its used length (a snapshot: nothing here
+    waits); a name not in it is an unknown block.
     ``max_payload(normal_pages)`` bounds next_packet_size for the negotiated method.
     """
     count = page_count(page_size)
@@ -300,8 +306,8 @@ def validate_ram_packet(
             raise WireError("multifd: packet without pages carries a payload",
                             field="next_packet_size", received=pkt.next_packet_size, expected=0)
         return
-    name = pkt.ramblock.split(b"\0", 1)[0] if b"\0" in pkt.ramblock else pkt.ramblock[:255]
-    length = block_length(name)
+    name = pkt.name
+    length = block_lengths.get(name)
     if length is None:
         shown = name.decode("utf-8", "replace")
         raise WireError(f"multifd: unknown ram block {shown}", field="ramblock",
@@ -421,3 +427,46 @@ class RamHeaderWriter:
             v[b : self._used_end] = self._zeros[: self._used_end - b]
         self._used_end = b
         return self.buf
+
+__all__ = [
+    "COMPRESSION_BITS",
+    "COMPRESSION_MASK",
+    "DEVICE_STATE",
+    "DEVICE_STATE_LEN",
+    "DeviceStatePacket",
+    "FLAG_DEVICE_STATE",
+    "FLAG_SYNC",
+    "HEADER",
+    "HEADER_LEN",
+    "INIT",
+    "INIT_LEN",
+    "InitPacket",
+    "KNOWN_FLAGS",
+    "MAGIC",
+    "PACKET_SIZE",
+    "RAMBLOCK_NAME_LEN",
+    "RAM_FIXED",
+    "RAM_FIXED_LEN",
+    "RESERVED_CODES",
+    "RamHeaderWriter",
+    "RamPacket",
+    "VERSION",
+    "block_name",
+    "check_page_size",
+    "decode_device_state",
+    "decode_header",
+    "decode_init",
+    "decode_ram_packet",
+    "encode_device_state",
+    "encode_init",
+    "encode_ram_packet",
+    "encode_ram_packet_into",
+    "encode_sync_packet",
+    "format_uuid",
+    "method_bits",
+    "page_count",
+    "ram_packet_len",
+    "validate_device_state",
+    "validate_init",
+    "validate_ram_packet",
+]

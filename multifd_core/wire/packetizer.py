@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from multifd_core.pages import zero_mask
+from multifd_core.wire.pages import zero_mask
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 _BE = np.dtype(">u8")

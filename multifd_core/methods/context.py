@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from multifd_core.errors import MethodError
+from multifd_core.wire.pages import page_runs
 
 
 @dataclass
@@ -71,6 +72,15 @@ class SendPacket:
         self._runs = runs
         self._scratch = scratch
 
+    @classmethod
+    def whole(cls, pages: np.ndarray, scratch: Callable[[int], memoryview],
+              block_name: str = "pages") -> SendPacket:
+        """Every page of ``pages`` (``(n, page_size)`` uint8, contiguous) as one packet."""
+        n, ps = pages.shape
+        index = np.arange(n, dtype=np.int64)
+        return cls(block_name, ps, pages, index, page_runs(pages.reshape(-1), index, ps),
+                   scratch)
+
     def iovecs(self) -> list[memoryview]:
         return self._runs
 
@@ -89,31 +99,52 @@ class SendPacket:
         return self._block_pages[self._index]
 
 
-class RecvPacket:
-    """A received packet's normal pages, for the method's ``recv`` hook.
+class PayloadSource(Protocol):
+    """Where a received packet's payload comes from: a channel's socket (the engine), or a
+    buffer (the harness, the conformance kit, benchmarks)."""
 
-    The payload is read lazily from the channel: ``read_payload()`` returns exactly
-    ``next_packet_size`` bytes (a reused buffer: decode before the next packet);
-    ``readinto_pages()`` reads ``normal_pages * page_size`` raw bytes straight into the
-    destination pages. ``write_pages(buf)`` places decoded pages and checks their total size.
+    def read(self, size: int) -> memoryview:
+        """Exactly ``size`` bytes (a reused buffer: valid until the next read)."""
+
+    def readinto(self, views: list[memoryview], total: int) -> None:
+        """Exactly ``total`` bytes, scattered into ``views`` in order."""
+
+
+class PageTarget(Protocol):
+    """Where a received packet's pages go: a ``RamBlock``, or a test's sink."""
+
+    def write_pages(self, index: np.ndarray, data: Any) -> None:
+        """Store ``len(index)`` pages of ``data`` at page numbers ``index``."""
+
+    def page_views(self, index: np.ndarray) -> list[memoryview]:
+        """Writable views covering pages ``index``, in that order (for a raw read)."""
+
+
+class RecvPacket:
+    """A received packet's normal pages, for the method's ``recv`` hook: the packet's fields,
+    its payload's ``source`` and the pages ``index`` of its ``target`` it fills.
+
+    ``read_payload()`` returns exactly ``next_packet_size`` bytes (a reused buffer: decode
+    before the next packet); ``readinto_pages()`` reads ``normal_pages * page_size`` raw bytes
+    straight into the destination pages; ``write_pages(buf)`` places decoded pages and checks
+    their total size. The payload is read once, by one of the first two.
     """
 
     __slots__ = ("channel_id", "packet_num", "flags", "normal_pages", "next_packet_size",
-                 "page_size", "_read", "_readinto_pages", "_write", "_consumed")
+                 "page_size", "source", "target", "index", "_consumed")
 
     def __init__(self, *, channel_id: int, packet_num: int, flags: int, normal_pages: int,
-                 next_packet_size: int, page_size: int,
-                 read: Callable[[int], memoryview], readinto_pages: Callable[[], None],
-                 write: Callable[[Any], None]) -> None:
+                 next_packet_size: int, page_size: int, source: PayloadSource,
+                 target: PageTarget, index: np.ndarray) -> None:
         self.channel_id = channel_id
         self.packet_num = packet_num
         self.flags = flags
         self.normal_pages = normal_pages
         self.next_packet_size = next_packet_size
         self.page_size = page_size
-        self._read = read
-        self._readinto_pages = readinto_pages
-        self._write = write
+        self.source = source
+        self.target = target
+        self.index = index
         self._consumed = False
 
     @property
@@ -121,9 +152,14 @@ class RecvPacket:
         """Decoded bytes this packet must yield: normal_pages x page_size."""
         return self.normal_pages * self.page_size
 
+    @property
+    def consumed(self) -> bool:
+        """Whether the payload has been read."""
+        return self._consumed
+
     def read_payload(self) -> memoryview:
         self._take()
-        return self._read(self.next_packet_size)
+        return self.source.read(self.next_packet_size)
 
     def readinto_pages(self) -> None:
         if self.next_packet_size != self.expected_size:
@@ -131,13 +167,13 @@ class RecvPacket:
             # leave the channel inside a packet: refuse here, not at the next header.
             raise self.size_error(self.next_packet_size, "next_packet_size")
         self._take()
-        self._readinto_pages()
+        self.source.readinto(self.target.page_views(self.index), self.expected_size)
 
     def write_pages(self, data: Any) -> None:
         size = memoryview(data).nbytes
         if size != self.expected_size:
             raise self.size_error(size)
-        self._write(data)
+        self.target.write_pages(self.index, data)
 
     def size_error(self, received: int, field: str = "decoded_size") -> MethodError:
         return MethodError(

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from multifd_core.method import Method
+from multifd_core.methods.method import Method
 
 
 def describe(method: Method) -> dict[str, Any]:

@@ -23,11 +23,11 @@ from typing import Any
 
 import pluggy
 
-from multifd_core import API_VERSION, nocomp
-from multifd_core import __version__ as CORE_VERSION
 from multifd_core.errors import PluginError, UnknownMethodError
-from multifd_core.hookspecs import PROJECT, MethodSpec, RegistrationSpec
-from multifd_core.method import Method, MethodOptions
+from multifd_core.methods import nocomp
+from multifd_core.methods.hookspecs import PROJECT, RegistrationSpec, bind  # noqa: F401 (bind: re-exported)
+from multifd_core.methods.method import API_VERSION, Method, MethodOptions
+from multifd_core.version import __version__ as CORE_VERSION
 from multifd_core.wire import COMPRESSION_BITS, COMPRESSION_MASK, RESERVED_CODES
 
 log = logging.getLogger("multifd.registry")
@@ -283,14 +283,6 @@ def _free_codes() -> str:
 
 #: Third-party codes claimed by known distributions (docs/method-codes.md lists them).
 CLAIMED_CODES = {0x06: "multifd-lz4 (lz4, the example plugin)"}
-
-
-def bind(method: Method) -> Any:
-    """The hook caller for one session: a plugin manager holding only ``method``."""
-    pm = pluggy.PluginManager(PROJECT)
-    pm.add_hookspecs(MethodSpec)
-    pm.register(method)
-    return pm.hook
 
 
 def _entry_points() -> list[metadata.EntryPoint]:

@@ -21,18 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from multifd_core.context import ChannelContext, ChannelStats, SendPacket
+from multifd_core.engine.pipeline import ChannelEncoder
+from multifd_core.engine.ram import RamBlock
+from multifd_core.engine.sockio import sendmsg_all, set_timeout
 from multifd_core.errors import MultiFDError, TransportError
-from multifd_core.method import Method
-from multifd_core.packetizer import plan_batch
-from multifd_core.ram import RamBlock
-from multifd_core.registry import bind
-from multifd_core.sockio import sendmsg_all, set_timeout
+from multifd_core.methods.context import ChannelStats
+from multifd_core.methods.hookspecs import bind
+from multifd_core.methods.method import Method
 from multifd_core.wire import (
     FLAG_SYNC,
-    RamHeaderWriter,
     encode_init,
-    encode_sync_packet,
     page_count,
 )
 
@@ -70,28 +68,25 @@ class SendStats:
 
 
 class _SendChannel(threading.Thread):
+    """One channel's thread: takes jobs, writes what its ``ChannelEncoder`` makes of them."""
+
     def __init__(self, sender: Sender, channel_id: int, sock: socket.socket) -> None:
         super().__init__(name=f"multifd-send-{channel_id}", daemon=True)
         self.sender = sender
         self.sock = sock
-        self.ctx = ChannelContext(channel_id, sender.page_size)
+        self.id = channel_id
+        self.encoder = ChannelEncoder(sender.method, channel_id, hooks=sender.hooks,
+                                      detect_zero=sender.detect_zero)
         self.stats = ChannelStats()
-        self._writers: dict[str, RamHeaderWriter] = {}
-        self._scratch = bytearray(0)
-
-    def scratch(self, n: int) -> memoryview:
-        if len(self._scratch) < n:
-            self._scratch = bytearray(n)
-        return memoryview(self._scratch)[:n]
 
     def run(self) -> None:
         s = self.sender
         setup = False
         try:
-            s.hooks.send_setup(channel=self.ctx)
+            self.encoder.setup()
             setup = True
             if s.send_init:
-                self._write([encode_init(s.uuid, self.ctx.id)])
+                self._write([encode_init(s.uuid, self.id)])
             while True:
                 job = s.jobs.get()
                 kind = job[0]
@@ -101,8 +96,7 @@ class _SendChannel(threading.Thread):
                     # One SYNC item per channel: after taking one, a channel waits at the
                     # barrier until every channel has taken its own.
                     if job[1]:
-                        pkt = encode_sync_packet(next(s.packet_num), s.page_size)
-                        self._write([pkt])
+                        self._write([self.encoder.sync_packet(next(s.packet_num))])
                         self.stats.sync_packets += 1
                     s.acks.release()
                     job[2].wait()
@@ -111,59 +105,32 @@ class _SendChannel(threading.Thread):
         except threading.BrokenBarrierError:
             pass
         except BaseException as exc:  # reported to the migration thread
-            s.fail(exc, self.ctx.id)
+            s.fail(exc, self.id)
         finally:
             if setup:
                 try:
-                    s.hooks.send_cleanup(channel=self.ctx)
+                    self.encoder.cleanup()
                 except Exception as exc:
-                    s.fail(exc, self.ctx.id)
+                    s.fail(exc, self.id)
 
     def _write(self, buffers: Sequence[Any], total: int | None = None) -> None:
         try:
             self.stats.wire_bytes += sendmsg_all(self.sock, buffers, total)
         except TimeoutError:
-            raise TransportError(f"channel {self.ctx.id}: the receiver stopped reading "
+            raise TransportError(f"channel {self.id}: the receiver stopped reading "
                                  f"(no progress for {self.sender.timeout} s)") from None
         except OSError as exc:
-            raise TransportError(f"channel {self.ctx.id}: send failed: {exc}") from None
+            raise TransportError(f"channel {self.id}: send failed: {exc}") from None
 
     def _send_data(self, block: RamBlock, index: np.ndarray) -> None:
         """Send a batch of pages of one block as packets of up to PAGE_COUNT pages."""
-        s = self.sender
-        ps = s.page_size
-        plan = plan_batch(block.array, block.words, index, ps, s.pages_per_packet, s.detect_zero)
-        writer = self._writers.get(block.name)
-        if writer is None:
-            writer = self._writers[block.name] = RamHeaderWriter(ps, s.method.code, block.name)
-        prepare = s.hooks.send_prepare
-        nb, zb, rb = plan.normal_bounds, plan.zero_bounds, plan.run_bounds
         st = self.stats
-        for p in range(plan.packets):
-            n0, n1 = nb[p], nb[p + 1]
-            payload: list[Any] = []
-            size = 0
-            if n1 > n0:
-                runs = plan.runs[rb[p] : rb[p + 1]]
-                packet = SendPacket(block.name, ps, block.pages, plan.normal[n0:n1], runs,
-                                    self.scratch)
-                payload = prepare(channel=self.ctx, packet=packet)
-                size = (n1 - n0) * ps if payload is runs else _nbytes(payload)
-            header = writer.fill(plan.normal_be[8 * n0 : 8 * n1],
-                                 plan.zero_be[8 * zb[p] : 8 * zb[p + 1]], size,
-                                 next(s.packet_num))
-            self._write([header, *payload], len(header) + size)
+        for pkt in self.encoder.packets(block, index, self.sender.packet_num):
+            self._write(pkt.buffers, pkt.size)
             st.packets += 1
-            st.normal_pages += n1 - n0
-            st.zero_pages += zb[p + 1] - zb[p]
-            st.payload_bytes += size
-
-
-def _nbytes(payload: list[Any]) -> int:
-    total = 0
-    for p in payload:
-        total += p.nbytes if isinstance(p, memoryview) else memoryview(p).nbytes
-    return total
+            st.normal_pages += pkt.normal_pages
+            st.zero_pages += pkt.zero_pages
+            st.payload_bytes += pkt.payload_bytes
 
 
 class Sender:
