@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from multifd_core.methods.harness import MethodHarness
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.methods.method import MethodOptions
 from multifd_core.testing import gil_runnable, make_pages
 from multifd_core.vendorbench import run_threads

@@ -21,8 +21,8 @@ import numpy as np
 import reference as ref
 
 from multifd_core import wire
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.errors import MultiFDError
-from multifd_core.methods.harness import MethodHarness
 from multifd_core.methods.method import MethodOptions
 from multifd_core.methods.registry import MethodRegistry, default_registry
 from multifd_core.session.negotiate import negotiate_method

@@ -23,7 +23,7 @@ from multifd_core.version import __version__
 #: importable (the same module objects) for plugins written against 0.1.
 MOVED = {
     "multifd_core.context": "multifd_core.methods.context",
-    "multifd_core.harness": "multifd_core.methods.harness",
+    "multifd_core.harness": "multifd_core.engine.harness",
     "multifd_core.hookspecs": "multifd_core.methods.hookspecs",
     "multifd_core.method": "multifd_core.methods.method",
     "multifd_core.native": "multifd_core.methods.native",

@@ -13,14 +13,25 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from multifd_core import __version__
+from multifd_core.bench import add_parser as add_bench_parser
+from multifd_core.cli_qemu import add_qemu_parser
+from multifd_core.cliargs import (
+    EXIT_USAGE,
+    Parser,
+    TopHelpFormatter,
+    add_progress,
+    add_wait_first,
+    address,
+    channel_count,
+    parse_size,
+    seconds,
+)
 from multifd_core.errors import MultiFDError, UsageError
-from multifd_core.units import parse_size
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 ENVIRONMENT = """\
 environment:
@@ -42,93 +53,6 @@ per-channel statistics, phase timings.
 """
 
 log = logging.getLogger("multifd.cli")
-
-
-# --------------------------------------------------------------------------- argparse setup
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Help with each option's default appended, unless its text already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if ("default" in text or action.default in (None, argparse.SUPPRESS)
-                or not action.option_strings or action.nargs == 0):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class TopHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
-    """The top-level help: its description and the environment list as written."""
-
-
-class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line and exit 2, like ``UsageError``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"multifd: error: {message} (see: {self.prog} --help)\n")
-
-
-def int_range(what: str, low: int, high: int) -> Any:
-    """An argparse type: an int from ``low`` to ``high`` (``what`` names it in errors)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} out of range {low}..{high}")
-        return value
-
-    parse.__name__ = what.replace(" ", "_")
-    return parse
-
-
-channel_count = int_range("channel count", 1, 255)
-
-
-def seconds(text: str) -> float:
-    """A positive number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
-    return value
-
-
-def wait_seconds(text: str) -> float:
-    """Seconds to wait; ``0``, ``inf`` or ``forever``: as long as it takes."""
-    if text.strip().lower() in ("inf", "forever", "0"):
-        return math.inf
-    return seconds(text)
-
-
-def address(text: str) -> Any:
-    from multifd_core.session.transport import parse_address
-
-    try:
-        return parse_address(text)
-    except MultiFDError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="a progress line on stderr: phase, percent, rate, ETA (default: on "
-                        "when stderr is a terminal and --json is not given)")
-
-
-def add_wait_first(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--wait-first", type=wait_seconds, default=60.0, metavar="SECONDS",
-                   help=f"how long to wait for {what}; 0 or inf: as long as it takes, as "
-                        "QEMU's -incoming; once it is in, --timeout applies (default: 60)")
 
 
 def _add_verbose(parser: argparse.ArgumentParser, seen: set[int] | None = None) -> None:
@@ -482,13 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print one JSON report")
     d.set_defaults(func=cmd_demo)
 
-    for module, hook in (("multifd_core.qemu.cli", "add_qemu_parser"),
-                         ("multifd_core.bench", "add_parser")):
-        try:
-            mod = __import__(module, fromlist=[hook])
-        except ImportError:
-            continue
-        getattr(mod, hook)(sub)
+
+    add_qemu_parser(sub)
+    add_bench_parser(sub)
     _add_verbose(p)
     return p
 

@@ -24,7 +24,6 @@ def migrate(
     engine: str | None = None,
     rounds: list[Round] | None = None,
     before_round: Callable[[int], None] | None = None,
-    page_size: int | None = None,
     timeout: float = 60.0,
     registry: MethodRegistry | None = None,
     receiver_method: str | None = None,
@@ -70,6 +69,4 @@ def migrate(
         listener.close()
     if "error" in outcome:
         raise outcome["error"]
-    if page_size is not None:
-        assert all(b.page_size == page_size for b in session.blocks)
     return session.blocks, stats

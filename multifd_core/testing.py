@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.errors import MethodError, MultiFDError
 from multifd_core.gilcheck import (
     GilCheckUnavailable,
@@ -39,7 +40,6 @@ from multifd_core.layout import (
     check_struct_layout,
     struct_layout_report,
 )
-from multifd_core.methods.harness import MethodHarness
 from multifd_core.methods.method import EngineInfo, Method, MethodOptions
 from multifd_core.methods.registry import MethodRegistry, check_method_class
 from multifd_core.pagekinds import KINDS, make_pages, mixed_pages

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.errors import MultiFDError
 from multifd_core.gilcheck import GilCheckUnavailable, gil_verdict
 from multifd_core.image import fill_mixed
-from multifd_core.methods.harness import MethodHarness
 from multifd_core.methods.method import Method, MethodOptions
 from multifd_core.methods.registry import MethodRegistry, default_registry
 from multifd_core.wire import page_count

@@ -9,7 +9,7 @@ import textwrap
 _MEASURE = textwrap.dedent("""
     import resource
     from multifd_core.errors import MethodError
-    from multifd_core.methods.harness import MethodHarness
+    from multifd_core.engine.harness import MethodHarness
     from multifd_core.methods.registry import default_registry
     from multifd_core.methods.method import MethodOptions
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
 import targets as fz  # noqa: E402
 
 from multifd_core import wire  # noqa: E402
-from multifd_core.methods.harness import MethodHarness  # noqa: E402
+from multifd_core.engine.harness import MethodHarness  # noqa: E402
 from multifd_core.wire import protocol
 
 TARGETS = fz.targets()

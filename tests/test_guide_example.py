@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.errors import MultiFDError
-from multifd_core.methods.harness import MethodHarness
 from multifd_core.methods.method import MethodOptions
 from multifd_core.testing import MethodConformance, mixed_pages
 

@@ -28,10 +28,10 @@ from netkit import (
 )
 
 from multifd_core import wire
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.engine.ram import RamBlock
 from multifd_core.engine.receiver import Receiver
 from multifd_core.errors import MultiFDError, TransportError, WireError
-from multifd_core.methods.harness import MethodHarness
 from multifd_core.methods.method import MethodOptions
 from multifd_core.methods.registry import default_registry
 from multifd_core.session import send as session_mod
@@ -453,7 +453,7 @@ def test_loopback_addresses_are_recognised() -> None:
 
 def test_qemu_capture_listens_on_loopback_unless_allowed(
         tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
-    pytest.importorskip("multifd_core.qemu.cli")
+    pytest.importorskip("multifd_core.cli_qemu")
     from multifd_core.cli import main
 
     rc = main(["qemu", "capture", "--listen", "tcp:0.0.0.0:0", "--out", str(tmp_path / "o")])

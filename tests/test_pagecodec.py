@@ -141,7 +141,7 @@ def test_disabled_by_environment_and_the_plugins_fall_back():
     code = """
 import numpy as np
 import multifd_pagecodec as pc
-from multifd_core.methods.harness import MethodHarness
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.methods.method import MethodOptions
 from multifd_core.testing import mixed_pages
 from multifd_qpl.method import Qpl

@@ -11,10 +11,10 @@ import socket
 import pytest
 
 from multifd_core import Method, hookimpl, wire
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.engine.ram import RamBlock
 from multifd_core.engine.receiver import Receiver
 from multifd_core.errors import MethodError, WireError
-from multifd_core.methods.harness import MethodHarness
 from multifd_core.methods.method import MethodOptions
 from multifd_core.methods.nocomp import NoCompression
 from multifd_core.methods.registry import default_registry

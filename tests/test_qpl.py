@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from layoutkit import check_optional_header
 
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
-from multifd_core.methods.harness import MethodHarness
 from multifd_core.methods.method import MethodOptions
 from multifd_core.testing import (
     MethodConformance,

@@ -280,7 +280,7 @@ def test_zstd_decoder_window_is_the_senders_level() -> None:
     import zstandard
     from multifd_zstd import MAX_WINDOW, Zstd
 
-    from multifd_core.methods.harness import MethodHarness
+    from multifd_core.engine.harness import MethodHarness
     from multifd_core.methods.method import MethodOptions
 
     assert Zstd(MethodOptions(level=1)).window == 1 << 19

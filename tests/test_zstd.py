@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from bombkit import assert_bomb_refused
 
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.errors import MethodError, MultiFDError, UnknownMethodError
-from multifd_core.methods.harness import MethodHarness
 from multifd_core.methods.method import MethodOptions
 from multifd_core.methods.registry import MethodRegistry
 from multifd_core.testing import MethodConformance, in_ci, make_pages, mixed_pages, require
@@ -211,7 +211,6 @@ def test_registry_lists_zstd_from_its_distribution() -> None:
                                 "pip install -e plugins/zstd")
     entry = registry.get("zstd")
     assert (entry.cls, entry.code, entry.distribution) == (Zstd, 0x04, "multifd-zstd")
-    assert registry.by_code(0x04) is entry
 
 
 def test_missing_plugin_message_names_the_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -266,8 +265,8 @@ def test_small_overflow_does_not_leak_native_memory() -> None:
 
     import numpy as np
 
+    from multifd_core.engine.harness import MethodHarness
     from multifd_core.errors import MethodError
-    from multifd_core.methods.harness import MethodHarness
     from multifd_core.methods.registry import default_registry
 
     h = MethodHarness(default_registry().create("zstd"))

@@ -15,7 +15,7 @@ import numpy as np
 
 from multifd_core.errors import MultiFDError, io_error
 from multifd_core.wire import RAMBLOCK_NAME_LEN, check_page_size
-from multifd_core.wire.pages import page_runs
+from multifd_core.wire.pages import page_runs, run_bounds
 
 
 class RamBlock:
@@ -101,19 +101,18 @@ class RamBlock:
         if low < 0 or high >= self.n_pages:
             raise MultiFDError(f"ramblock {self.name}: page {low if low < 0 else high} "
                                f"outside its {self.n_pages} pages")
-        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        starts, ends = run_bounds(index)
         if self._fd is None:
             src = np.frombuffer(view, dtype=np.uint8).reshape(n, ps)
-            if not len(breaks):
+            if len(starts) == 1:
                 first = int(index[0])
                 self.pages[first : first + n] = src
             else:
                 self.pages[index] = src
             return
-        starts = [0, *breaks.tolist()]
-        ends = [*starts[1:], n]
         try:
-            for a, b, page in zip(starts, ends, index[starts].tolist(), strict=True):
+            for a, b, page in zip(starts.tolist(), ends.tolist(), index[starts].tolist(),
+                                  strict=True):
                 _pwrite_all(self._fd, view[a * ps : b * ps], self._fd_offset + page * ps)
         except OSError as exc:
             raise self.write_error(exc) from None

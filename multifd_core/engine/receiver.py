@@ -138,7 +138,6 @@ class Receiver:
         self._arrived.release()
         self._blocks_ready.set()
 
-    abort = fail
 
     def check(self) -> None:
         err = self._error

@@ -19,8 +19,6 @@ class ChannelContext:
     id: int
     page_size: int
     state: Any = None
-    engine: str = ""
-    stats: dict[str, int] = field(default_factory=dict)
     _buffer: bytearray = field(default_factory=bytearray, repr=False)
 
     def buffer(self, size: int) -> memoryview:

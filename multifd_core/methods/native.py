@@ -38,8 +38,9 @@ from multifd_core.errors import LibraryNotFoundError, MultiFDError
 from multifd_core.methods.method import EngineInfo
 
 __all__ = [
-    "ENGINE_SWITCH_VALUES", "LibrarySpec", "OpenLibrary", "candidates", "clear_cache",
-    "filter_stderr", "hardware_engine_info", "open_library", "quiet_stderr", "software_forced",
+    "ENGINE_SWITCH_VALUES", "HardwareProbe", "LibrarySpec", "OpenLibrary", "candidates",
+    "clear_cache", "filter_stderr", "hardware_engine_info", "open_library", "quiet_stderr",
+    "software_forced",
 ]
 
 #: What ``$MULTIFD_<METHOD>_ENGINE`` may hold: unset/empty or ``auto`` (the best available
@@ -392,3 +393,29 @@ def _stop_filter() -> None:
         if _filter is not None:
             _filter.stop()
             _filter = None
+
+
+class HardwareProbe:
+    """Whether a library's hardware path works here, asked once per library file.
+
+    ``load()`` opens the library (``LibraryNotFoundError`` when it is missing);
+    ``probe(opened)`` tries the device and returns ``(usable, reason)``. Calling the probe
+    object returns ``(usable, reason, opened library or None)``; the answer for each library
+    path is kept, and concurrent first calls probe once."""
+
+    def __init__(self, load: Callable[[], Any],
+                 probe: Callable[[Any], tuple[bool, str]]) -> None:
+        self.load, self.probe = load, probe
+        self._lock = threading.Lock()
+        self._answers: dict[str, tuple[bool, str]] = {}
+
+    def __call__(self) -> tuple[bool, str, Any]:
+        try:
+            opened = self.load()
+        except LibraryNotFoundError as exc:
+            return False, f"no library: {exc}", None
+        with self._lock:
+            if opened.path not in self._answers:
+                self._answers[opened.path] = self.probe(opened)
+            usable, reason = self._answers[opened.path]
+        return usable, reason, opened

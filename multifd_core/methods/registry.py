@@ -206,12 +206,6 @@ class MethodRegistry:
         except KeyError:
             raise UnknownMethodError(self.unknown_message(name)) from None
 
-    def by_code(self, code: int) -> MethodEntry | None:
-        for entry in self._methods.values():
-            if entry.code == code:
-                return entry
-        return None
-
     def excluded_plugin(self, name: str) -> str | None:
         """The distribution of ``name`` when it is installed but MULTIFD_PLUGINS left it out."""
         return self.excluded.get(name)

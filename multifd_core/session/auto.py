@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.harness import MethodHarness
 from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import MultiFDError
-from multifd_core.methods.harness import MethodHarness
 from multifd_core.methods.method import MethodOptions
 from multifd_core.methods.registry import MethodRegistry
 from multifd_core.session.cpus import usable_cpus

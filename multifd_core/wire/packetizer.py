@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from multifd_core.wire.pages import run_bounds as runs_of
 from multifd_core.wire.pages import zero_mask
 
 _EMPTY = np.zeros(0, dtype=np.int64)
@@ -59,9 +60,7 @@ def plan_batch(block: np.ndarray, words: np.ndarray, index: np.ndarray, page_siz
     zero_bounds = np.searchsorted(zero_packet, edges).tolist()
     # Runs: consecutive page numbers within one packet.
     if len(normal):
-        brk = np.flatnonzero((np.diff(normal) != 1) | (np.diff(normal_packet) != 0)) + 1
-        starts = np.concatenate(([0], brk))
-        ends = np.concatenate((brk, [len(normal)]))
+        starts, ends = runs_of(normal, np.diff(normal_packet) != 0)
         lo = (normal[starts] * page_size).tolist()
         hi = ((normal[ends - 1] + 1) * page_size).tolist()
         mv = memoryview(block).cast("B")

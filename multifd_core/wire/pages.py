@@ -35,16 +35,26 @@ def _zero_mask(pages_u64: np.ndarray) -> np.ndarray:
     return out
 
 
+def run_bounds(index: np.ndarray, also: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Where each run of consecutive page numbers in ``index`` starts and ends (positions in
+    ``index``, end exclusive). ``also`` (a bool for each position after the first) breaks a
+    run there too."""
+    brk = np.diff(index) != 1
+    if also is not None:
+        brk |= also
+    breaks = np.flatnonzero(brk) + 1
+    return np.concatenate(([0], breaks)), np.concatenate((breaks, [len(index)]))
+
+
 def page_runs(block: np.ndarray, index: np.ndarray, page_size: int) -> list[memoryview]:
     """Zero-copy views of ``block`` (flat uint8) covering pages ``index``, one per run of
     consecutive page numbers, in the order of ``index``."""
     if len(index) == 0:
         return []
-    breaks = np.flatnonzero(np.diff(index) != 1) + 1
-    starts = np.concatenate(([0], breaks)).tolist()
-    ends = np.concatenate((breaks, [len(index)])).tolist()
+    starts, ends = run_bounds(index)
     first = index[starts].tolist()
-    last = index[np.asarray(ends) - 1].tolist()
+    last = index[ends - 1].tolist()
     mv = memoryview(block).cast("B")
     return [mv[f * page_size : (la + 1) * page_size] for f, la in zip(first, last, strict=True)]
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from multifd_core.context import ChannelContext, RecvPacket, SendPacket
-from multifd_core.errors import MethodError
 from multifd_core.hookspecs import hookimpl
 from multifd_core.method import (
-    MAX_COMPRESSED_PAYLOAD,
     EngineInfo,
     LevelRange,
     Method,
     MethodOptions,
 )
+
 from multifd_core.wire import PACKET_SIZE
 from multifd_qatzip import engines
 
@@ -32,12 +31,8 @@ class Qatzip(Method):
     def engines(cls) -> list[EngineInfo]:
         return engines.engine_infos()
 
-    def max_payload(self, normal_pages: int) -> int:
-        return MAX_COMPRESSED_PAYLOAD if normal_pages else 0
-
     def _open(self, channel: ChannelContext) -> None:
         channel.state = engines.create(self.engine, self.level or 1, channel.id)
-        channel.engine = self.engine
 
     @hookimpl
     def send_setup(self, channel: ChannelContext) -> None:
@@ -57,11 +52,6 @@ class Qatzip(Method):
 
     @hookimpl
     def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:
-        size = packet.next_packet_size
-        if size > MAX_COMPRESSED_PAYLOAD:
-            raise MethodError(f"multifd {channel.id}: received unexpectedly large packet",
-                              field="next_packet_size", received=size,
-                              expected=f"<= {MAX_COMPRESSED_PAYLOAD}", channel=channel.id)
         expected = packet.expected_size
         out = channel.buffer(PACKET_SIZE)  # QEMU's output buffer; more than expected: error
         got = channel.state.decompress_into(packet.read_payload(), out)

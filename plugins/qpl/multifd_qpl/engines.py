@@ -8,16 +8,15 @@ software. ``$MULTIFD_QPL_ENGINE=software`` marks ``iaa`` unavailable.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import multifd_pagecodec as pagecodec
+from multifd_core.context import SendPacket
+from multifd_core.method import EngineInfo
+from multifd_core.native import HardwareProbe, hardware_engine_info, software_forced
 
 from multifd_core import perpage
-from multifd_core.context import SendPacket
-from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
-from multifd_core.method import EngineInfo
-from multifd_core.native import hardware_engine_info, software_forced
+from multifd_core.errors import MethodError, MultiFDError
 from multifd_qpl import _ffi, software
 
 ENV_ENGINE = "MULTIFD_QPL_ENGINE"
@@ -142,32 +141,23 @@ def container_error(channel: int, status: int, total_out: int, size: int) -> Met
                        channel=channel)
 
 
-_hw_lock = threading.Lock()
-_hw_probe: dict[str, tuple[bool, str]] = {}
+def _probe_iaa(opened: Any) -> tuple[bool, str]:
+    """A hardware-path job inits (and is freed again)."""
+    ffi, lib = _ffi.ffi, opened.lib
+    size = ffi.new("uint32_t *")
+    status = lib.qpl_get_job_size(lib.qpl_path_hardware, size)
+    if status == _ffi.QPL_STS_OK and size[0]:
+        mem = ffi.new("uint8_t[]", size[0])
+        status = lib.qpl_init_job(lib.qpl_path_hardware, ffi.cast("qpl_job *", mem))
+        if status == _ffi.QPL_STS_OK:
+            lib.qpl_fini_job(ffi.cast("qpl_job *", mem))
+    if status == _ffi.QPL_STS_OK:
+        return True, "IAA device found"
+    return False, f"no IAA device (qpl_init_job hardware path: status {status})"
 
 
-def hardware_status() -> tuple[bool, str, Any]:
-    """(usable, reason, opened library or None): libqpl loads and a hardware job inits."""
-    try:
-        opened = _ffi.load()
-    except LibraryNotFoundError as exc:
-        return False, f"no library: {exc}", None
-    with _hw_lock:
-        if opened.path not in _hw_probe:
-            ffi, lib = _ffi.ffi, opened.lib
-            size = ffi.new("uint32_t *")
-            status = lib.qpl_get_job_size(lib.qpl_path_hardware, size)
-            if status == _ffi.QPL_STS_OK and size[0]:
-                mem = ffi.new("uint8_t[]", size[0])
-                status = lib.qpl_init_job(lib.qpl_path_hardware, ffi.cast("qpl_job *", mem))
-                if status == _ffi.QPL_STS_OK:
-                    lib.qpl_fini_job(ffi.cast("qpl_job *", mem))
-            _hw_probe[opened.path] = (status == _ffi.QPL_STS_OK,
-                                      "IAA device found" if status == _ffi.QPL_STS_OK else
-                                      f"no IAA device (qpl_init_job hardware path: status "
-                                      f"{status})")
-        usable, reason = _hw_probe[opened.path]
-    return usable, reason, opened
+#: (usable, reason, opened library or None): libqpl loads and a hardware job inits.
+hardware_status = HardwareProbe(_ffi.load, _probe_iaa)
 
 
 def forced_software() -> bool:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from multifd_core import perpage
 from multifd_core.context import ChannelContext
-from multifd_core.errors import MultiFDError
 from multifd_core.method import EngineInfo, MethodOptions
+
+from multifd_core import perpage
+from multifd_core.errors import MultiFDError
 from multifd_core.wire import page_count
 from multifd_qpl import engines, software
 
@@ -44,4 +45,3 @@ class Qpl(perpage.PerPageMethod):
         channel.state = engines.create(self.engine, self.page_size, channel.id,
                                        page_count(self.page_size), self.backend,
                                        self.native)
-        channel.engine = self.engine

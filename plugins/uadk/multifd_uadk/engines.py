@@ -17,12 +17,12 @@ import zlib
 from typing import Any
 
 import multifd_pagecodec as pagecodec
+from multifd_core.context import SendPacket
+from multifd_core.method import EngineInfo
+from multifd_core.native import HardwareProbe, hardware_engine_info, software_forced
 
 from multifd_core import perpage
-from multifd_core.context import SendPacket
-from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
-from multifd_core.method import EngineInfo
-from multifd_core.native import hardware_engine_info, software_forced
+from multifd_core.errors import MethodError, MultiFDError
 from multifd_uadk import _ffi, software
 
 ENV_ENGINE = "MULTIFD_UADK_ENGINE"
@@ -149,24 +149,16 @@ class UadkEngine:
             _runtime.release(self.lib)
 
 
-_probes: dict[str, tuple[bool, str]] = {}
+def _probe_zip(opened: Any) -> tuple[bool, str]:
+    rc = _runtime.acquire(opened.lib)
+    if rc:
+        return False, f"no device: wd_comp_init2(zlib) returned {rc}"
+    _runtime.release(opened.lib)
+    return True, "UADK ZIP device found"
 
 
-def hardware_status() -> tuple[bool, str, Any]:
-    """(usable, reason, opened library or None); the device is probed once per library."""
-    try:
-        opened = _ffi.load()
-    except LibraryNotFoundError as exc:
-        return False, f"no library: {exc}", None
-    if opened.path not in _probes:
-        rc = _runtime.acquire(opened.lib)
-        if rc:
-            _probes[opened.path] = (False, f"no device: wd_comp_init2(zlib) returned {rc}")
-        else:
-            _runtime.release(opened.lib)
-            _probes[opened.path] = (True, "UADK ZIP device found")
-    usable, reason = _probes[opened.path]
-    return usable, reason, opened
+#: (usable, reason, opened library or None); the device is probed once per library.
+hardware_status = HardwareProbe(_ffi.load, _probe_zip)
 
 
 def forced_software() -> bool:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from multifd_core import perpage
 from multifd_core.context import ChannelContext
 from multifd_core.method import EngineInfo, MethodOptions
+
+from multifd_core import perpage
 from multifd_core.wire import page_count
 from multifd_uadk import engines
 
@@ -42,4 +43,3 @@ class Uadk(perpage.PerPageMethod):
                                        page_count(self.page_size), compress=sending,
                                        software_compress=self.software_compress,
                                        native=self.native)
-        channel.engine = self.engine

@@ -17,8 +17,9 @@ import re
 import zlib
 from typing import Any
 
-from multifd_core import EngineInfo, LevelRange, Method, MethodError, hookimpl
 from multifd_core.context import ChannelContext, RecvPacket, SendPacket
+
+from multifd_core import EngineInfo, LevelRange, Method, MethodError, hookimpl
 
 __version__ = "0.1.0"
 
@@ -43,12 +44,9 @@ class Zlib(Method):
     @hookimpl
     def send_setup(self, channel: ChannelContext) -> None:
         channel.state = zlib.compressobj(self.level, zlib.DEFLATED, WBITS, MEM_LEVEL)
-        channel.engine = "software"
 
     @hookimpl
     def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[Any]:
-        if packet.normal_pages == 0:
-            return []  # QEMU never touches the stream for a packet without normal pages
         stream = channel.state
         try:
             body = stream.compress(packet.data())
@@ -72,7 +70,6 @@ class Zlib(Method):
     @hookimpl
     def recv_setup(self, channel: ChannelContext) -> None:
         channel.state = zlib.decompressobj(WBITS)
-        channel.engine = "software"
 
     @hookimpl
     def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:

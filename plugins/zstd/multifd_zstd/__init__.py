@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from multifd_core import EngineInfo, LevelRange, Method, MethodError, hookimpl
 from multifd_core.context import ChannelContext, RecvPacket, SendPacket
+
+from multifd_core import EngineInfo, LevelRange, Method, MethodError, hookimpl
 from multifd_core.errors import LibraryNotFoundError
 from multifd_core.wire import PACKET_SIZE
 
@@ -71,12 +72,9 @@ class Zstd(Method):
         compressor = zstandard.ZstdCompressor(level=self.level, write_checksum=False,
                                               write_content_size=False)
         channel.state = compressor.compressobj()
-        channel.engine = "software"
 
     @hookimpl
     def send_prepare(self, channel: ChannelContext, packet: SendPacket) -> list[Any]:
-        if packet.normal_pages == 0:
-            return []  # QEMU never touches the stream for a packet without normal pages
         stream = channel.state
         try:
             # The runs of adjacent pages feed the stream as they lie in guest RAM (no gather
@@ -118,7 +116,6 @@ class Zstd(Method):
         sink = BoundedSink()
         decompressor = zstandard.ZstdDecompressor(max_window_size=self.window)
         channel.state = (sink, decompressor.stream_writer(sink, write_size=WRITE_SIZE))
-        channel.engine = "software"
 
     @hookimpl
     def recv(self, channel: ChannelContext, packet: RecvPacket) -> None:

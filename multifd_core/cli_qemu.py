@@ -9,11 +9,10 @@ import sys
 import uuid as uuidlib
 from typing import Any
 
-from multifd_core.cli import add_wait_first, channel_count, int_range, seconds
+from multifd_core.cliargs import add_wait_first, channel_count, int_range, parse_size, seconds
 from multifd_core.errors import MultiFDError, UsageError
 from multifd_core.session.limits import DEFAULT_MAX_MEMORY
 from multifd_core.session.transport import parse_address
-from multifd_core.units import parse_size
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
