@@ -10,7 +10,7 @@ plugins make, one persistent stream per channel and one thread per channel:
 
 Usage::
 
-    python benchmarks/bench_codecs.py [--size-mib 256] [--level 1] [--threads 1,2]
+    python -m benchmarks.bench_codecs [--size-mib 256] [--level 1] [--threads 1,2]
                                       [--methods zlib,zstd] [--json PATH]
 
 ``bare_codec_throughput(method, level, threads, packets)`` is the reusable measurement: the

@@ -1,6 +1,6 @@
 """Engine benchmark (not a test): our sender -> our receiver vs bare sockets, in one run.
 
-    .venv/bin/python benchmarks/bench_engine.py [--size-mib 1024] [--channels 4] [--json PATH]
+    .venv/bin/python -m benchmarks.bench_engine [--size-mib 1024] [--channels 4] [--json PATH]
 
 Measures, on the embedded mixed image:
   * engine: ``multifd recv`` (its own process, into sparse files) <- ``send_session`` with
@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from multifd_core.demo import free_port, mixed_image_path, run_pair
+from benchmarks.common import free_port
+from multifd_core.demo import mixed_image_path, run_pair
 from multifd_core.engine.ram import RamBlock
 from multifd_core.methods.context import ChannelContext, SendPacket
 from multifd_core.methods.hookspecs import bind
@@ -166,7 +167,7 @@ def main() -> int:
           f"best of {args.repeat}")
     print(f"  engine (none) transfer      {best['transfer_seconds']:7.3f} s  "
           f"({mib / 1024 / best['transfer_seconds']:.2f} GiB/s of RAM)")
-    print(f"  engine end to end (+sha256) {best['elapsed']:7.3f} s")
+    print(f"  engine end to end (+digests) {best['elapsed']:7.3f} s")
     print(f"  bare sockets -> buffer      {bare_mem:7.3f} s   engine/bare = "
           f"{results['ratio_vs_bare']:.2f}x (target <= 1.5x)")
     print(f"  bare sockets -> sparse file {bare_file:7.3f} s   engine/bare = "

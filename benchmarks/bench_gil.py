@@ -8,7 +8,7 @@ GIL-holding codecs (every pass is a false pass):
 Shipped codecs (every fail is a false failure): zlib, zstd, qatzip software, qpl and uadk
 software (multifd-pagecodec), lz4 (liblz4 and python-lz4).
 
-    python benchmarks/bench_gil.py [--runs 100] [--busy 3] [--only zlib,pydll-zlib] [--json F]
+    python -m benchmarks.bench_gil [--runs 100] [--busy 3] [--only zlib,pydll-zlib] [--json F]
 
 ``--busy K`` starts K busy-looping processes for the run ("loaded"; this machine has 2 CPUs).
 Prints pass/fail counts, the false ones, the verdict time and the load average.
@@ -30,8 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_hw import use_checkout_libqatzip
-
+from benchmarks.bench_hw import use_checkout_libqatzip
 from multifd_core.gilcheck import gil_verdict
 from multifd_core.methods.hookspecs import hookimpl
 from multifd_core.methods.method import Method, MethodOptions
@@ -143,7 +142,7 @@ static int held_uncompress(unsigned char *d, unsigned long *dn, const unsigned c
 
 def cffi_holding(workdir: str) -> type[WholePacket]:
     """A cffi API-mode module (compiled into ``workdir``) whose calls hold the GIL."""
-    import importlib
+    import importlib.util
 
     import cffi
 
@@ -153,8 +152,11 @@ def cffi_holding(workdir: str) -> type[WholePacket]:
                  "const unsigned char *, unsigned long);")
     builder.set_source("_gil_holding", _HOLDING_C, libraries=["z"])
     builder.compile(tmpdir=workdir, verbose=False)
-    sys.path.insert(0, workdir)
-    mod = importlib.import_module("_gil_holding")
+    built = next(Path(workdir).glob("_gil_holding*.so"))
+    spec = importlib.util.spec_from_file_location("_gil_holding", built)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     ffi, lib = mod.ffi, mod.lib
 
     class CffiHolding(WholePacket):

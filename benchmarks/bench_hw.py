@@ -11,7 +11,7 @@ The qpl and uadk software engines run twice in the same run: with their C helper
 (multifd-pagecodec, one call a packet) and with the Python per-page loop it replaces
 (``extra={"native": False}``); a summary compares the two.
 
-    python benchmarks/bench_hw.py [--size-mib 256] [--threads 2] [--only qatzip,zstd]
+    python -m benchmarks.bench_hw [--size-mib 256] [--threads 2] [--only qatzip,zstd]
 
 libqatzip: set MULTIFD_QATZIP_LIBRARY, or run from this checkout with .cache/qatzip in place.
 """

@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 import numpy as np
-from bench_engine import bare_sockets, dispatch_cost, zero_scan_rate
 
+from benchmarks.bench_engine import bare_sockets, dispatch_cost, zero_scan_rate
 from multifd_core.engine.ram import RamBlock
 from multifd_core.wire.pages import zero_mask
 

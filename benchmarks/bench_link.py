@@ -104,7 +104,7 @@ class Link:
 
     def probe_rate(self, conns: int = 2, seconds: float = 2.0) -> dict[str, Any]:
         """Bare-socket throughput from the sender namespace to the receiver's."""
-        from multifd_core.demo import free_port
+        from benchmarks.common import free_port
 
         port = str(free_port())
         sink = subprocess.Popen(["ip", "netns", "exec", self.recv_ns, sys.executable, "-c",

@@ -1,6 +1,6 @@
 """Render a ``multifd bench --json`` result as Markdown tables (for docs/results.md).
 
-    .venv/bin/python benchmarks/bench_markdown.py docs/bench/results.json
+    .venv/bin/python -m benchmarks.bench_markdown docs/bench/results.json
 """
 
 from __future__ import annotations

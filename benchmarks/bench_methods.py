@@ -1,6 +1,6 @@
 """zlib and zstd through the engine vs the bare codec, in one run (not a test).
 
-    .venv/bin/python benchmarks/bench_methods.py [--size-mib 1024] [--repeat N] [--json PATH]
+    .venv/bin/python -m benchmarks.bench_methods [--size-mib 1024] [--repeat N] [--json PATH]
 
 For each method at level 1 and 1 and 2 channels, on the embedded mixed image: the engine's
 time over loopback (``multifd recv`` in its own process <- our sender; the transfer time,
@@ -28,13 +28,10 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from bench_codecs import bare_codec_throughput  # noqa: E402
-
-from multifd_core.demo import mixed_image_path, run_pair  # noqa: E402
-from multifd_core.engine.ram import RamBlock  # noqa: E402
-from multifd_core.wire.pages import zero_mask  # noqa: E402
+from benchmarks.bench_codecs import bare_codec_throughput
+from multifd_core.demo import mixed_image_path, run_pair
+from multifd_core.engine.ram import RamBlock
+from multifd_core.wire.pages import zero_mask
 
 
 def image_packets(block: RamBlock) -> list[np.ndarray]:

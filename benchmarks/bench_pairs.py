@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from multifd_core.demo import free_port
+from benchmarks.common import free_port
 from multifd_core.errors import MultiFDError
 
 SAMPLE_S = 0.02

@@ -12,7 +12,7 @@ Two cases, each against a real `multifd recv` subprocess whose peak RSS (``ru_ma
 
 Usage::
 
-    python benchmarks/bench_recv_memory.py [--channels 1 8 64] [--size-mib 256]
+    python -m benchmarks.bench_recv_memory [--channels 1 8 64] [--size-mib 256]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import free_port
 from multifd_core import wire
 from multifd_core.image import fill_mixed
 from multifd_core.wire import protocol
@@ -36,12 +37,6 @@ from multifd_core.wire.protocol import Hello, Msg, Offer
 
 CLI = [sys.executable, "-m", "multifd_core.cli"]
 PS = 4096
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Recv:

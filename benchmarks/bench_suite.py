@@ -33,8 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_pairs import run_procs, startup_cost
-
+from benchmarks.bench_pairs import run_procs, startup_cost
 from multifd_core.demo import cache_dir, mixed_image_path
 from multifd_core.errors import MultiFDError
 from multifd_core.methods.registry import MethodRegistry, default_registry
@@ -45,7 +44,7 @@ HIGHER_LEVEL = {"zlib": 6, "zstd": 3}
 LINK_RATES = ("1gbit", "10gbit")
 LINK_CHANNELS = 2
 #: What ``--sections`` can pick (the physical limits always run: the others refer to them).
-SECTIONS = ("matrix", "rss", "links", "qemu")
+SECTIONS = ("wall", "matrix", "rss", "links", "qemu")
 
 
 def is_slow(method: str, level: int | None) -> bool:
@@ -165,12 +164,21 @@ ROW_HEAD = (f"{'method[:level][/engine]':<22}{'ch':>3} {'MiB':>6} {'xfer s':>8} 
 
 
 def section_limits(opts: Any, image: str) -> dict[str, Any]:
-    from bench_limits import measure_limits
+    from benchmarks.bench_limits import measure_limits
 
     _log("limits: bare sockets, memory copy, first touch, zero scan ...")
     return measure_limits(image, repeat=1 if opts.quick else 3,
                           buffer_bytes=(16 if opts.quick else 256) << 20,
                           workdir=opts.scratch)
+
+
+def section_wall(opts: Any) -> dict[str, Any]:
+    """``bench_wall``: send -> recv walls (verified, durable) against the durable-write limit,
+    phases and CPU per side (``--quick``: once, on the small image)."""
+    from benchmarks.bench_wall import run as wall_run
+
+    _log("wall: multifd send -> multifd recv, none x4 and zstd x2, against the durable write")
+    return _guard(lambda: wall_run(opts.size_mib, 1 if opts.quick else 3, opts.scratch))
 
 
 def section_matrix(opts: Any, variants: list[tuple[str, int | None, str | None]],
@@ -208,8 +216,7 @@ def section_rss(opts: Any, images: dict[int, str]) -> dict[str, Any]:
 
 def section_links(opts: Any, variants: list[tuple[str, int | None, str | None]],
                   images: dict[int, str], limits: dict[str, Any]) -> dict[str, Any]:
-    from bench_link import Link, link_missing_reason
-
+    from benchmarks.bench_link import Link, link_missing_reason
     from multifd_core.engine.ram import RamBlock
     from multifd_core.session.auto import Candidate, predict_best
 
@@ -287,8 +294,8 @@ def _cand_label(row: dict[str, Any]) -> str:
 def section_qemu(opts: Any) -> dict[str, Any]:
     """QEMU->QEMU and QEMU->our capture rows from ``bench_qemu.Bench`` (the QEMU helper's)."""
     try:
-        from bench_qemu import Bench
-
+        from benchmarks.bench_qemu import Bench
+        from benchmarks.bench_wall import durable_limit
         from multifd_core.image import write_mixed_image
         from multifd_core.qemu.vm import qemu_missing_reason
     except ImportError as exc:
@@ -300,6 +307,7 @@ def section_qemu(opts: Any) -> dict[str, Any]:
     mixed_mib = 16 if opts.quick else 512
     work = Path(tempfile.mkdtemp(prefix="bench-qemu-", dir=opts.scratch))
     rows = []
+    durable: dict[str, Any] | None = None
     try:
         blob = work / "mixed.bin"
         write_mixed_image(blob, mixed_mib << 20)
@@ -311,12 +319,19 @@ def section_qemu(opts: Any) -> dict[str, Any]:
                                                         f"plugins/{method}"})
                 continue
             for ch in (2,) if opts.quick else (2, 4):
+                capdir = work / f"cap-{method}-{ch}"
                 row: dict[str, Any] = {"method": method, "channels": ch}
-                for kind, fn in (("qemu_to_qemu", lambda m=method, c=ch: bench.qemu_to_qemu(m, c)),
-                                 ("qemu_to_capture", lambda m=method, c=ch: bench.qemu_to_capture(
-                                     m, c, work / f"cap-{m}-{c}"))):
-                    row[kind] = _guard(fn)
-                shutil.rmtree(work / f"cap-{method}-{ch}", ignore_errors=True)
+                row["qemu_to_qemu"] = _guard(lambda m=method, c=ch: bench.qemu_to_qemu(m, c))
+                row["qemu_to_capture"] = _guard(
+                    lambda m=method, c=ch, d=capdir: bench.qemu_to_capture(m, c, d))
+                if "error" not in row["qemu_to_capture"]:
+                    row["replay_to_qemu"] = _guard(
+                        lambda m=method, c=ch, d=capdir: bench.replay_to_qemu(d, m, c))
+                    if durable is None:
+                        durable = _guard(lambda d=capdir: {"total_ms": round(1000 * (
+                            durable_limit(str(max(d.glob("*.ram"), key=lambda f: f.stat().st_size)),
+                                          str(work))))})
+                shutil.rmtree(capdir, ignore_errors=True)
                 _log(f"qemu {method} x{ch}: {row}")
                 rows.append(row)
         mapped = []
@@ -326,7 +341,9 @@ def section_qemu(opts: Any) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"guest": f"pc, -m {mem_mib}M, {mixed_mib} MiB mixed region, paused",
-            "times": "total_ms is the QEMU source's total-time", "rows": rows,
+            "times": "total_ms: the QEMU source's total-time (replay: wall until the "
+                     "destination completed); wall_ms: capture's wall from migrate to exit",
+            "durable_limit": durable, "rows": rows,
             "mapped_ram": mapped}
 
 
@@ -406,21 +423,37 @@ def print_report(res: dict[str, Any]) -> None:
               f"({a.get('fastest_measured_s')} s); auto's pick measured "
               f"{a.get('choice_measured_s')} s (regret {a.get('regret')})")
         print(f"  predictions: {pred}")
+    w = res.get("wall") or {}
+    if w.get("cases"):
+        from benchmarks.bench_wall import print_report as print_wall
+
+        print_wall(w)
+    elif w:
+        print(f"\nwall: {w.get('skipped') or w.get('error')}")
     q = res.get("qemu") or {}
     if q.get("skipped"):
         print(f"\nQEMU rows: skipped ({q['skipped']})")
     elif q.get("rows"):
         print(f"\nQEMU ({q['guest']}; {q['times']}):")
-        print(f"{'method':<8}{'ch':>3} {'QEMU->QEMU ms':>14} {'QEMU->capture ms':>17}")
+        dl = (q.get("durable_limit") or {}).get("total_ms")
+        print(f"durable-write limit of the guest's RAM: {dl} ms; ratios against the larger of "
+              "it and QEMU->QEMU (replay: against QEMU->QEMU), target <= 1.3")
+        print(f"{'method':<8}{'ch':>3} {'QEMU->QEMU ms':>14} {'->capture src ms':>17} "
+              f"{'capture wall':>13} {'ratio':>6} {'replay wall':>12} {'ratio':>6}")
         for r in q["rows"]:
             if "error" in r:
                 print(f"{r['method']:<8}    {r['error']}")
                 continue
             qq, qc = r["qemu_to_qemu"], r["qemu_to_capture"]
+            rp = r.get("replay_to_qemu") or {}
+            base = max(qq.get("total_ms") or 0, dl or 0)
+            cw, rw = qc.get("wall_ms"), rp.get("total_ms")
             print(f"{r['method']:<8}{r['channels']:>3} {qq.get('total_ms', qq.get('error')):>14} "
-                  f"{qc.get('total_ms', qc.get('error')):>17}")
+                  f"{qc.get('total_ms', qc.get('error')):>17} {cw or '-':>13} "
+                  f"{(cw / base if cw and base else 0):>6.2f} {rw or rp.get('error', '-'):>12} "
+                  f"{(rw / qq['total_ms'] if rw and qq.get('total_ms') else 0):>6.2f}")
         if q.get("mapped_ram"):
-            from bench_qemu import print_mapped_ram
+            from benchmarks.bench_qemu import print_mapped_ram
 
             print("\nQEMU mapped-ram files (same guest; N channels = N threads; ms, wall; ours "
                   "durable and verified; ratio = ours / QEMU's, target <= 1.3):")
@@ -475,6 +508,7 @@ def run(opts: Any) -> int:
         res["engines_note"] = ("engine is the sender's (--engine); the receiver process picks "
                                "its method's first available engine")
         want = set(opts.sections or SECTIONS)
+        res["wall"] = section_wall(opts) if "wall" in want else {"skipped": "--sections"}
         res["runs"] = section_matrix(opts, variants, images) if "matrix" in want else []
         res["rss"] = {"skipped": "--no-rss"} if opts.no_rss or "rss" not in want \
             else section_rss(opts, images)
@@ -493,7 +527,7 @@ def run(opts: Any) -> int:
             f.write("\n")
     print_report(res)
     if opts.charts:
-        from bench_charts import draw_charts
+        from benchmarks.bench_charts import draw_charts
 
         for path in draw_charts(res, opts.charts):
             print(f"chart: {path}")

@@ -13,7 +13,7 @@ steps with nothing alive).
 
 Usage::
 
-    python benchmarks/soak.py [--runs 50] [--size-mib 256] [--method none] [--channels 4]
+    python -m benchmarks.soak [--runs 50] [--size-mib 256] [--method none] [--channels 4]
                               [--output memory|files] [--json PATH]
 
 ``soak(...)`` returns the report; tests/test_soak.py runs a short version.
@@ -60,7 +60,7 @@ def soak(*, runs: int = 50, size_mib: int = 256, method: str = "none", channels:
     buf = np.zeros(size_mib << 20, dtype=np.uint8)
     fill_mixed(buf.reshape(-1, PS), seed=7)
     src = RamBlock("pc.ram", buf)
-    want = src.sha256()
+    want = src.digest()
     listener = listen(Address("tcp", host="127.0.0.1", port=0))
     addr = bound_address(listener, Address("tcp", host="127.0.0.1"))
     workdir = tempfile.mkdtemp(prefix="multifd-soak-") if output == "files" else None

@@ -2,15 +2,17 @@
 rate-limited links with ``auto``'s choice, QEMU rows), as a table, JSON and PNG charts; or the
 vendor benchmark of a method's engines (``--engines``, ``--vendor``).
 
-The suite lives in the source checkout's ``benchmarks/`` directory (``bench_suite``), which this
-command loads. The vendor benchmark (``multifd_core.vendorbench``) ships in the package: from an
-installed wheel, without a checkout, ``multifd bench`` runs it and says so in one line.
+The suite is the source checkout's ``benchmarks`` package (``python -m benchmarks`` runs it
+too), which this command loads by its path. The vendor benchmark (``multifd_core.vendorbench``)
+ships in the package: from an installed wheel, without a checkout, ``multifd bench`` runs it and
+says so in one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -21,14 +23,20 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_suite() -> ModuleType:
-    """``benchmarks/bench_suite.py`` of this checkout (its directory goes on ``sys.path``)."""
+    """``benchmarks.bench_suite`` of this checkout: the ``benchmarks`` package is loaded by its
+    path (registered in ``sys.modules``; ``sys.path`` is left alone)."""
     if not (BENCHMARKS / "bench_suite.py").is_file():
         raise MultiFDError(f"multifd bench needs the source checkout's benchmarks/ directory "
                            f"(not found at {BENCHMARKS}); install multifd-core editable from "
                            "a clone: pip install -e .")
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module("bench_suite")
+    if "benchmarks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks", BENCHMARKS / "__init__.py", submodule_search_locations=[str(BENCHMARKS)])
+        assert spec is not None and spec.loader is not None
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module("benchmarks.bench_suite")
 
 
 #: Options that only the full suite reads (flag, argparse destination).
@@ -73,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="image size for slow methods (zlib above level 1, qatzip)")
     b.add_argument("--link-size-mib", type=int, default=512,
                    help="image size on the rate-limited links")
-    b.add_argument("--sections", nargs="+", choices=("matrix", "rss", "links", "qemu"),
+    b.add_argument("--sections", nargs="+", choices=("wall", "matrix", "rss", "links", "qemu"),
                    default=None, help="run only these parts (the physical limits always run)")
     b.add_argument("--no-link", action="store_true", help="skip the namespace/tbf links")
     b.add_argument("--no-rss", action="store_true", help="skip the RSS-vs-image-size runs")

@@ -227,7 +227,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
 
     def commit(stats: Any) -> None:
         out.commit(stats.digests, {"method": stats.method, "page_size": stats.page_size,
-                                   "statistics": stats.as_dict()})
+                                   "statistics": stats.as_dict()},
+                   algorithm=stats.digest_algorithm)
 
     def attach(receiver: Any, hello: Any) -> None:
         progress.measure(sum(length for _, length in hello.blocks), lambda: sum(
@@ -298,6 +299,22 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
               f"{best['label']} {best['predicted_s']:.2f} s; chose {auto['choice']}")
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from multifd_core.session.verify import verify_directory
+
+    checks = verify_directory(args.dir)
+    bad = [c for c in checks if not c.ok]
+    if args.json:
+        print(json.dumps({"ok": not bad, "checks": [c.as_dict() for c in checks]}))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'BAD '} {c.file}: {c.detail}")
+    if bad:
+        raise MultiFDError(f"{len(bad)} of {len(checks)} files in {args.dir} differ from "
+                           f"manifest.json (first: {bad[0].file}: {bad[0].detail})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from multifd_core.demo import run_demo
 
@@ -328,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("send", help="send RAM images to a receiver",
                        description="Send RAM images to a `multifd recv` over N channels; exits "
-                                   "0 once the receiver verified every block's sha256.")
+                                   "0 once the receiver verified every block's digest (BLAKE3).")
     s.add_argument("items", nargs="+", metavar="[NAME=]FILE... ADDRESS",
                    help="files to send (block NAME defaults to the file name), then "
                         "tcp:HOST:PORT or unix:PATH")
@@ -356,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recv", help="receive one session into a directory (recv serves "
                                     "exactly one session, then exits)",
                        description="Receive one session into DIR: NNN-name.ram files and "
-                                   "manifest.json, written only after every block's sha256 "
+                                   "manifest.json, written only after every block's digest "
                                    "matched the sender's.")
     r.add_argument("--listen", required=True, metavar="ADDRESS", type=address,
                    help="tcp:HOST:PORT or unix:PATH to listen on (required; port 0 picks one)")
@@ -389,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress(r)
     _add_tls(r, server=True)
     r.set_defaults(func=cmd_recv)
+
+    v = sub.add_parser("verify", help="recheck a recv or qemu capture directory against its "
+                                      "manifest.json (every block's digest and length)")
+    v.add_argument("dir", metavar="DIR", help="the output directory")
+    v.add_argument("--json", action="store_true", help="print one JSON report")
+    v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("demo", help="the main job: migrate a generated 1 GiB mixed image with "
                                     "every installed method over loopback and verify it",

@@ -86,7 +86,7 @@ def add_qemu_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="the destination's -uuid (default: none, all zeros)")
     r.add_argument("--switchover-start", choices=("auto", "on", "off"), default="auto",
                    help="send SWITCHOVER_START before RAM END (auto: as captured)")
-    r.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
+    r.add_argument("--no-verify", action="store_true", help="skip the digest checks")
     r.add_argument("--timeout", type=seconds, default=60.0,
                    help="seconds without progress before giving up")
     r.add_argument("--json", action="store_true", help="print one JSON summary")
@@ -114,7 +114,7 @@ def add_qemu_parser(subparsers: Any) -> argparse.ArgumentParser:
     e.add_argument("--threads", "-j", type=_threads, default=4,
                    help="threads reading and writing blocks, 1..64")
     e.add_argument("--no-verify", action="store_true",
-                   help="skip the check of each block's sha256 against the manifest")
+                   help="skip the check of each block's digest against the manifest")
     e.add_argument("--json", action="store_true", help="print one JSON summary")
     e.set_defaults(func=cmd_export)
     return q
@@ -177,16 +177,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if addr.kind != "tcp":
         raise UsageError("qemu replay connects to tcp:HOST:PORT only")
     if os.path.isdir(args.dir):
-        capture = load_capture(args.dir, verify=not args.no_verify)
+        capture = load_capture(args.dir, verify=not args.no_verify, verify_blocks=False)
+        verify = not args.no_verify
     else:
         from multifd_core.qemu.snapshot import load_file_capture
 
         capture = load_file_capture(args.dir, file_offset=args.offset)
+        verify = False
     sw = {"auto": None, "on": True, "off": False}[args.switchover_start]
     try:
         stats = replay(capture, addr, channels=args.channels, method=args.compression,
                        level=args.level, uuid=args.uuid, timeout=args.timeout,
-                       switchover_start=sw)
+                       switchover_start=sw, verify=verify)
     finally:
         capture.close()
     if args.json:
@@ -225,5 +227,5 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {args.dir} to {args.file}: {len(result['blocks'])} blocks, "
           f"{st['written_pages']} pages written, {st['zero_pages']} zero pages left out, "
           f"{result['size'] / 2**20:.1f} MiB file, {st['seconds']:.3f} s"
-          + ("" if result["verified"] else " (sha256 not checked)"))
+          + ("" if result["verified"] else " (digests not checked)"))
     return 0

@@ -1,7 +1,7 @@
 """The main job: migrate the embedded mixed image with every installed method and verify it.
 
 The receiver runs as a separate ``multifd recv`` process (its own interpreter, as in real
-use); the sender runs here. Each run's output is checked against the source's sha256.
+use); the sender runs here. Each run's output is checked against the source's digest.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import tempfile
 import time
 from typing import Any
 
+from multifd_core.engine.digest import manifest_digest
 from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import MultiFDError
 from multifd_core.image import write_mixed_image
@@ -41,7 +42,7 @@ def mixed_image_path(size_mib: int, seed: int = 42) -> str:
     return path
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,7 +51,7 @@ def free_port() -> int:
 def run_pair(image: str, method: str, channels: int, out_dir: str, *,
              level: int | None = None, timeout: float = 120.0) -> dict[str, Any]:
     """One migration: ``multifd recv`` subprocess <- this process's sender."""
-    port = free_port()
+    port = _free_port()
     addr = f"tcp:127.0.0.1:{port}"
     recv = subprocess.Popen(
         [sys.executable, "-m", "multifd_core.cli", "recv", "--listen", addr, "--out", out_dir,
@@ -72,7 +73,7 @@ def run_pair(image: str, method: str, channels: int, out_dir: str, *,
         raise MultiFDError(f"receiver failed ({recv.returncode}): {err.strip()}")
     with open(os.path.join(out_dir, "manifest.json")) as f:
         manifest = json.load(f)
-    verified = manifest["blocks"][0]["sha256"] == stats.digests["pc.ram"]
+    verified = manifest_digest(manifest["blocks"][0])[1] == stats.digests["pc.ram"]
     row = stats.as_dict()
     row.update(elapsed=elapsed, verified=verified, receiver=json.loads(out))
     return row

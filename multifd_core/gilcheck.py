@@ -48,7 +48,7 @@ from multifd_core.wire import page_count
 __all__ = ["GilCheckUnavailable", "GilVerdict", "GilWindow", "gil_runnable", "gil_verdict"]
 
 #: Vote rates the sequential test tells apart (releasing codecs vote "parallel" in most
-#: windows, GIL-holding ones in almost none; benchmarks/bench_gil.py counts the verdicts).
+#: windows, GIL-holding ones in almost none; python -m benchmarks.bench_gil counts the verdicts).
 RATE_RELEASES, RATE_HOLDS = 0.75, 0.1
 #: The switch interval during the check: no forced hand-over of the GIL while it runs.
 SWITCH_INTERVAL = 30.0

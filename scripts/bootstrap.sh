@@ -40,8 +40,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   for d in plugins/*/ examples/*/; do
     [ -f "$d/pyproject.toml" ] && args+=(-e "$d")
   done
-  { echo "== pip install ${args[*]} ruff atheris pytest-timeout"
-    .venv/bin/python -m pip install "${args[@]}" ruff atheris pytest-timeout; } >>"$log" 2>&1 \
+  { echo "== pip install ${args[*]} ruff==0.17.6 atheris pytest-timeout"
+    .venv/bin/python -m pip install "${args[@]}" "ruff==0.17.6" atheris pytest-timeout; } >>"$log" 2>&1 \
     || failed
   echo "$want" > "$stamp"
   state=installed

@@ -21,10 +21,10 @@ codename=${VERSION_CODENAME:-bookworm}
 export DEBIAN_FRONTEND=noninteractive
 
 # iproute2 (ip, tc) for the benchmark's rate-limited links between network namespaces;
-# openssl for the TLS tests' certificates.
+# openssl for the TLS tests' certificates; b3sum, the standard tool that checks a manifest.
 if ! command -v tc >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1 \
-    || ! command -v openssl >/dev/null 2>&1; then
-  apt-get update -qq && apt-get install -y -qq iproute2 openssl >/dev/null
+    || ! command -v openssl >/dev/null 2>&1 || ! command -v b3sum >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq iproute2 openssl b3sum >/dev/null
 fi
 
 # A C compiler, ISA-L and zlib headers for the per-packet native helper of the qpl and uadk

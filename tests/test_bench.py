@@ -95,11 +95,8 @@ def test_charts_from_quick_result(quick: dict[str, Any], tmp_path: Path) -> None
         if CI:
             raise
         pytest.skip("charts need matplotlib: pip install matplotlib")
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from bench_charts import draw_charts
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from benchmarks.bench_charts import draw_charts
+
     paths = draw_charts(quick, str(tmp_path))
     assert len(paths) >= 2
     for p in paths:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from multifd_core.engine.digest import digest_of
 from multifd_core.image import fill_mixed
 
 PS = 4096
@@ -78,7 +78,7 @@ def test_send_recv_end_to_end(images: dict[str, Path], tmp_path: Path, kind: str
         data = (out / entry["file"]).read_bytes()
         assert data == path.read_bytes()
         assert entry["length"] == len(data)
-        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry[manifest["digest"]] == digest_of(data, manifest["digest"])
     assert not list(out.glob("*.partial"))
 
 

@@ -1,7 +1,6 @@
 """The built-in ``none`` method against the plugin conformance kit (its first user)."""
 
 
-import sys
 import zlib
 from pathlib import Path
 
@@ -174,10 +173,7 @@ def test_kit_catches_a_codec_called_through_ctypes_pydll_or_a_python_loop(varian
     """liblz4 through ctypes.PyDLL keeps the GIL during short calls; a per-page Python loop
     never releases it. The previous kit passed each about 45% of the time (benchmarks/
     bench_gil.py); the verdict must be "holds" every time."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_gil
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    from benchmarks import bench_gil
+
     with pytest.raises(AssertionError, match="holds the GIL"):
         _kit(getattr(bench_gil, variant)).test_codec_calls_release_the_gil()

@@ -35,10 +35,9 @@ from multifd_core.testing import (
 )
 
 try:
+    from multifd_core.methods import native as _native
     from multifd_qatzip import _ffi, engines, gzipqz
     from multifd_qatzip.method import Qatzip
-
-    from multifd_core.methods import native as _native
 except ImportError:  # pragma: no cover - depends on the environment
     if in_ci():
         raise

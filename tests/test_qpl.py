@@ -30,10 +30,9 @@ from multifd_core.testing import (
 
 try:
     import multifd_pagecodec as pagecodec
+    from multifd_core.methods import perpage
     from multifd_qpl import _ffi, engines, software
     from multifd_qpl.method import Qpl
-
-    from multifd_core.methods import perpage
 except ImportError:  # pragma: no cover - depends on the environment
     if in_ci():
         raise

@@ -278,10 +278,10 @@ def test_zstd_decoder_window_is_the_senders_level() -> None:
     cannot make it hold 32 MiB per channel by asking)."""
     require_method("zstd")
     import zstandard
-    from multifd_zstd import MAX_WINDOW, Zstd
 
     from multifd_core.engine.harness import MethodHarness
     from multifd_core.methods.method import MethodOptions
+    from multifd_zstd import MAX_WINDOW, Zstd
 
     assert Zstd(MethodOptions(level=1)).window == 1 << 19
     assert Zstd(MethodOptions()).window == MAX_WINDOW  # level unknown (a QEMU capture)

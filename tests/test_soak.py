@@ -1,5 +1,5 @@
 """A short soak: five consecutive sessions through one long-running listener must not leak
-file descriptors, threads or memory (benchmarks/soak.py runs the long version; run in its
+file descriptors, threads or memory (python -m benchmarks.soak runs the long version; run in its
 own process, since it pins glibc's mmap threshold)."""
 
 from __future__ import annotations

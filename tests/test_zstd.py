@@ -14,6 +14,7 @@ from multifd_core.testing import MethodConformance, in_ci, make_pages, mixed_pag
 
 try:
     import zstandard
+
     from multifd_zstd import MAX_WINDOW, Zstd
 except ImportError:  # pragma: no cover - depends on the environment
     if in_ci():

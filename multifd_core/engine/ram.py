@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import mmap
 import os
 import weakref
@@ -13,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.digest import DEFAULT as DEFAULT_DIGEST
+from multifd_core.engine.digest import digest_of
 from multifd_core.errors import MultiFDError, io_error
 from multifd_core.wire import RAMBLOCK_NAME_LEN, check_page_size
 from multifd_core.wire.pages import page_runs, run_bounds
@@ -63,13 +64,13 @@ class RamBlock:
     def words(self) -> np.ndarray:
         return self.array.view(np.uint64).reshape(self.n_pages, self.page_size // 8)
 
+    def digest(self, algorithm: str = DEFAULT_DIGEST, *, threads: bool = True) -> str:
+        """The block's digest (``engine.digest``: BLAKE3 by default, on all cores unless
+        ``threads`` is false)."""
+        return digest_of(self.array, algorithm, threads=threads)
+
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        view = memoryview(self.array)
-        step = 64 << 20
-        for start in range(0, self.used_length, step):
-            digest.update(view[start : start + step])
-        return digest.hexdigest()
+        return self.digest("sha256")
 
     @property
     def fd(self) -> int:
@@ -110,12 +111,20 @@ class RamBlock:
             else:
                 self.pages[index] = src
             return
+        fd, base = self._fd, self._fd_offset
+        offsets = (index[starts] * ps + base).tolist()
         try:
-            for a, b, page in zip(starts.tolist(), ends.tolist(), index[starts].tolist(),
-                                  strict=True):
-                _pwrite_all(self._fd, view[a * ps : b * ps], self._fd_offset + page * ps)
+            for a, b, offset in zip((starts * ps).tolist(), (ends * ps).tolist(), offsets,
+                                    strict=True):
+                if os.pwrite(fd, view[a:b], offset) != b - a:
+                    _pwrite_all(fd, view[a:b], offset)
         except OSError as exc:
             raise self.write_error(exc) from None
+
+    @property
+    def writes_by_copy(self) -> bool:
+        """Raw pages should come through ``write_pages`` (a file), not ``page_views``."""
+        return self._fd is not None
 
     def page_views(self, index: np.ndarray) -> list[memoryview]:
         """Writable views of pages ``index`` (one per run of adjacent pages), in order."""
@@ -220,9 +229,10 @@ class RamBlock:
         return block
 
     def flush(self) -> None:
-        """Write a file-backed block's pages to disk (pages written through the mapping too)."""
+        """Write a file-backed block's pages to disk (pages written through the mapping too),
+        durably (``fdatasync``: the file's size was set when it was created)."""
         if self._fd is not None:
-            os.fsync(self._fd)
+            os.fdatasync(self._fd)
             return
         for c in self._closers:
             c.flush()

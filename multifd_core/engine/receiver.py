@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from multifd_core.engine.cputime import charge, thread_cpu
 from multifd_core.engine.pipeline import ChannelDecoder, Target
 from multifd_core.engine.ram import RamBlock
 from multifd_core.engine.sockio import PeerClosed, recv_into_all, recvmsg_into_all, set_timeout
@@ -260,6 +261,7 @@ class Receiver:
         decoder = ChannelDecoder(self.method, cid, fresh=self.fresh, stats=self.stats[cid],
                                  hooks=self.hooks)
         setup = False
+        started = thread_cpu()
         try:
             decoder.setup()
             setup = True
@@ -277,6 +279,7 @@ class Receiver:
                 log.debug("channel %d failed: %s", cid, exc)
             self.fail(exc)
         finally:
+            charge(self.stats[cid], started)
             if setup:
                 try:
                     decoder.cleanup()

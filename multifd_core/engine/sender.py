@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.cputime import charge, thread_cpu
 from multifd_core.engine.pipeline import ChannelEncoder
 from multifd_core.engine.ram import RamBlock
 from multifd_core.engine.sockio import sendmsg_all, set_timeout
@@ -82,6 +83,7 @@ class _SendChannel(threading.Thread):
     def run(self) -> None:
         s = self.sender
         setup = False
+        started = thread_cpu()
         try:
             self.encoder.setup()
             setup = True
@@ -107,6 +109,7 @@ class _SendChannel(threading.Thread):
         except BaseException as exc:  # reported to the migration thread
             s.fail(exc, self.id)
         finally:
+            charge(self.stats, started)
             if setup:
                 try:
                     self.encoder.cleanup()

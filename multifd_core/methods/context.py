@@ -46,6 +46,9 @@ class ChannelStats:
     payload_bytes: int = 0
     wire_bytes: int = 0
     max_packet_num: int = 0
+    #: CPU seconds the channel's thread spent, user and system (codec work included).
+    user_seconds: float = 0.0
+    system_seconds: float = 0.0
 
 
 class SendPacket:
@@ -165,6 +168,11 @@ class RecvPacket:
             # leave the channel inside a packet: refuse here, not at the next header.
             raise self.size_error(self.next_packet_size, "next_packet_size")
         self._take()
+        if getattr(self.target, "writes_by_copy", False):
+            # A file's pages: stored through the page cache in one call per run (a receive
+            # straight into its mapping would fault every page in).
+            self.target.write_pages(self.index, self.source.read(self.expected_size))
+            return
         self.source.readinto(self.target.page_views(self.index), self.expected_size)
 
     def write_pages(self, data: Any) -> None:

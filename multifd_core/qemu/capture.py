@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.digest import DEFAULT as DEFAULT_DIGEST
 from multifd_core.engine.ram import RamBlock
 from multifd_core.engine.receiver import Receiver
+from multifd_core.engine.writeback import Writeback
 from multifd_core.errors import MultiFDError, TransportError, io_error
 from multifd_core.methods.method import MethodOptions
 from multifd_core.methods.registry import MethodRegistry, default_registry
@@ -132,6 +134,7 @@ class QemuCapture:
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._acceptor: threading.Thread | None = None
+        self._writeback = Writeback([])
 
     # ------------------------------------------------------------------ connections
 
@@ -284,6 +287,7 @@ class QemuCapture:
                 raise root from None
             raise
         finally:
+            self._writeback.stop()
             self._stop.set()
             if self._acceptor is not None:
                 self._acceptor.join(2)
@@ -437,6 +441,7 @@ class QemuCapture:
         # A 9.0-9.2 source leaves one unpaired SYNC per channel: release it.
         receiver.release_all()
         receiver.finish()
+        self._writeback.stop()
         self.stats.seconds = time.perf_counter() - t0
         self.stats.sync_rounds = receiver.rounds
         self.stats.channels = [dict(vars(s)) for s in receiver.stats]
@@ -456,6 +461,8 @@ class QemuCapture:
         output.reserve(sum(info.length for info in ev.blocks))
         for info in ev.blocks:
             blocks[info.name] = output.allocate(info.name, info.length, self.page_size)
+        # The disk writes what has landed while the source still sends the rest.
+        self._writeback = Writeback([b.fd for b in blocks.values() if b.file_backed]).start()
 
     @staticmethod
     def _tail_done(tail: qs.TailTracker, fd: int) -> bool:
@@ -481,7 +488,7 @@ class QemuCapture:
         assert pro is not None and reader.tail_offset is not None
         output.write_aside(PREFIX_FILE, pro.raw)
         output.write_aside(VMDESC_FILE, vmdesc)
-        digests = {name: b.sha256() for name, b in blocks.items()}
+        digests = {name: b.digest() for name, b in blocks.items()}
         stats = self.stats.as_dict()
         zpd = "legacy" if self.stats.main_zero_pages else (
             "multifd" if stats["zero_pages"] else "none or no zero pages")
@@ -495,10 +502,11 @@ class QemuCapture:
             return_path=return_path, switchover_start=switchover, zero_page_detection=zpd,
             ram_section_id=reader.ram_section_id, commands=[c.name for c in reader.commands],
             statistics=stats)
-        where = output.commit(digests, extra)
+        where = output.commit(digests, extra, algorithm=DEFAULT_DIGEST)
         if self.mapped_ram is not None:
             return {"file": where, "blocks": [{"name": n, "length": b.used_length,
-                                               "sha256": digests[n]} for n, b in blocks.items()],
+                                               DEFAULT_DIGEST: digests[n]}
+                                              for n, b in blocks.items()],
                     **extra}
         return json.loads((self.out_dir / "manifest.json").read_text())
 

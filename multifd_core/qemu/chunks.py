@@ -1,11 +1,10 @@
 """Chunked, parallel page work on files: N threads with one buffer each take chunks of pages in
-order (``pread``/``pwrite`` and numpy release the GIL), and a sha256 that follows the chunks in
+order (``pread``/``pwrite`` and numpy release the GIL), and a digest that follows the chunks in
 order as they complete. Memory: one chunk buffer per thread, whatever the size of the RAM.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -13,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from multifd_core.engine.digest import DEFAULT as DEFAULT_DIGEST
+from multifd_core.engine.digest import hasher
 from multifd_core.errors import MultiFDError, io_error
 
 #: Pages per chunk: 4 MiB of 4 KiB pages, a multiple of 64 so a chunk owns whole bitmap words.
@@ -67,42 +68,14 @@ def run_chunks(chunks: Iterable[Chunk], work: Callable[[Chunk, memoryview], None
         raise errors[0]
 
 
-class Writeback:
-    """Starts writing the files' dirty pages to disk while the copy runs (``fdatasync`` every
-    ``interval`` seconds on its own thread), so the final ``fsync`` has little left to wait
-    for: the disk works while the CPUs copy and hash."""
-
-    def __init__(self, fds: Sequence[int], *, interval: float = 0.25) -> None:
-        self.fds = list(dict.fromkeys(fds))
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mapped-ram-writeback",
-                                        daemon=True)
-
-    def __enter__(self) -> Writeback:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for fd in self.fds:
-                try:
-                    os.fdatasync(fd)
-                except OSError:
-                    return  # the final fsync reports it
-
-
 class OrderedDigest:
-    """sha256 of byte ranges of files, read back in order as the chunks covering them are
-    marked done (``done``), on its own thread (``start``/``result``)."""
+    """Digests (``engine.digest``) of byte ranges of files, read back in order as the chunks
+    covering them are marked done (``done``), on its own thread (``start``/``result``)."""
 
     def __init__(self, regions: Sequence[tuple[int, int, int]], *, chunk_bytes: int,
-                 what: Callable[[int], str]) -> None:
+                 what: Callable[[int], str], algorithm: str = DEFAULT_DIGEST) -> None:
         """``regions``: (fd, file offset, length) per block; chunks are ``chunk_bytes`` long."""
+        self.algorithm = algorithm
         self.regions = regions
         self.chunk_bytes = chunk_bytes
         self.what = what
@@ -114,7 +87,7 @@ class OrderedDigest:
         self._stop = False
         self._error: BaseException | None = None
         self._digests: list[str] = []
-        self._thread = threading.Thread(target=self._run, name="mapped-ram-sha256", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="mapped-ram-digest", daemon=True)
 
     def start(self) -> OrderedDigest:
         self._thread.start()
@@ -145,7 +118,7 @@ class OrderedDigest:
         if self._error is not None:
             raise self._error
         if len(self._digests) != len(self.regions):
-            raise MultiFDError("sha256 stopped before the end")
+            raise MultiFDError("the digest stopped before the end")
         return self._digests
 
     def _run(self) -> None:
@@ -153,7 +126,7 @@ class OrderedDigest:
             buf = memoryview(bytearray(self.chunk_bytes))
             zeros = memoryview(bytes(self.chunk_bytes))
             for b, (fd, base, length) in enumerate(self.regions):
-                h = hashlib.sha256()
+                h = hasher(self.algorithm, threads=False)
                 for seq in range(len(self._done[b])):
                     with self._cond:
                         while not self._done[b][seq] and not self._stop:

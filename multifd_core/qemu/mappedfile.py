@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.digest import DEFAULT as DEFAULT_DIGEST
 from multifd_core.engine.ram import RamBlock
+from multifd_core.engine.writeback import Writeback
 from multifd_core.errors import MultiFDError, io_error
 from multifd_core.qemu import mappedram as mr
 from multifd_core.qemu import stream as qs
@@ -27,7 +29,6 @@ from multifd_core.qemu.chunks import (
     CHUNK_PAGES,
     Chunk,
     OrderedDigest,
-    Writeback,
     plan_chunks,
     read_exact,
     run_chunks,
@@ -251,16 +252,18 @@ class MappedRamWriter:
         return self.layout.headers[index].pages_offset, self.infos[index].length
 
     def copy_from(self, fds: list[int], *, threads: int,
-                  expect: list[str] | None = None) -> CopyStats:
+                  expect: list[tuple[str, str]] | None = None) -> CopyStats:
         """Write the non-zero pages of each block read from ``fds[i]`` (whole block files) and
-        the bitmaps; with ``expect``, check each block's sha256 read alongside."""
+        the bitmaps; with ``expect`` ((algorithm, hex) per block), check each block's digest
+        read alongside."""
         ps = self.page_size
         digest = None
         if expect is not None:
             digest = OrderedDigest([(fd, 0, b.length) for fd, b in zip(fds, self.infos,
                                                                        strict=True)],
                                    chunk_bytes=CHUNK_PAGES * ps,
-                                   what=lambda i: f"ramblock {self.infos[i].name}")
+                                   what=lambda i: f"ramblock {self.infos[i].name}",
+                                   algorithm=expect[0][0] if expect else DEFAULT_DIGEST)
             digest.all_done()
             digest.start()
         stats = CopyStats()
@@ -281,9 +284,9 @@ class MappedRamWriter:
                 digest.stop()
             raise
         if digest is not None and expect is not None:
-            for info, got, want in zip(self.infos, digests, expect, strict=True):
+            for info, got, (algorithm, want) in zip(self.infos, digests, expect, strict=True):
                 if got != want:
-                    raise MultiFDError(f"ramblock {info.name}: sha256 {got[:16]}... differs "
+                    raise MultiFDError(f"ramblock {info.name}: {algorithm} {got[:16]}... differs "
                                        f"from the manifest's {want[:16]}... (capture damaged)")
         return stats
 

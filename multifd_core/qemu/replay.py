@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.digest import manifest_digest
 from multifd_core.engine.ram import RamBlock
 from multifd_core.engine.sender import Sender
 from multifd_core.errors import MultiFDError, TransportError
@@ -60,8 +62,12 @@ class Capture:
             self.closer()
 
 
-def load_capture(path: str | Path, *, verify: bool = True) -> Capture:
-    """Read ``manifest.json`` and its files; with ``verify``, check every sha256."""
+def load_capture(path: str | Path, *, verify: bool = True,
+                 verify_blocks: bool | None = None) -> Capture:
+    """Read ``manifest.json`` and its files; with ``verify``, check the prefix's and tail's
+    digests and (unless ``verify_blocks`` is false: ``replay(verify=True)`` checks them while
+    it sends) every block's."""
+    verify_blocks = verify if verify_blocks is None else verify_blocks
     path = Path(path)
     try:
         manifest = json.loads((path / "manifest.json").read_text())
@@ -82,10 +88,41 @@ def load_capture(path: str | Path, *, verify: bool = True) -> Capture:
         if block.used_length != entry["length"]:
             raise ReplayError(f"{entry['file']}: {block.used_length} bytes, manifest says "
                               f"{entry['length']}")
-        if verify and block.sha256() != entry["sha256"]:
-            raise ReplayError(f"{entry['file']}: sha256 differs from the manifest")
         blocks.append(block)
+        if verify_blocks:
+            _check_block(block, entry)
     return Capture(path, manifest, prefix, tail, blocks)
+
+
+def _check_block(block: RamBlock, entry: dict[str, Any]) -> None:
+    algorithm, want = manifest_digest(entry)
+    if block.digest(algorithm) != want:
+        raise ReplayError(f"{entry['file']}: {algorithm} differs from the manifest")
+
+
+class _BlockCheck:
+    """The blocks' digests checked in a thread while the pages are sent; ``wait`` raises
+    before the device state goes, so a destination never completes from a bad capture."""
+
+    def __init__(self, capture: Capture) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(capture,), daemon=True,
+                                        name="replay-verify")
+        self._thread.start()
+
+    def _run(self, capture: Capture) -> None:
+        try:
+            for block, entry in zip(capture.blocks, capture.manifest["blocks"], strict=True):
+                _check_block(block, entry)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
+            self._error = exc
+
+    def wait(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise ReplayError(f"the capture's digests were not checked within {timeout} s")
+        if self._error is not None:
+            raise self._error
 
 
 def _read_checked(path: Path, entry: dict[str, Any], verify: bool) -> bytes:
@@ -111,9 +148,13 @@ class ReplayStats:
 
 def replay(capture: Capture, address: Address, *, channels: int, method: str = "none",
            level: int | None = None, uuid: bytes = bytes(16), timeout: float = 60.0,
-           switchover_start: bool | None = None,
-           registry: MethodRegistry | None = None) -> ReplayStats:
+           switchover_start: bool | None = None, registry: MethodRegistry | None = None,
+           verify: bool = False) -> ReplayStats:
     """Send ``capture`` to a QEMU destination listening at ``address``.
+
+    With ``verify``, every block's digest is checked against the manifest while the pages go
+    (load it with ``verify_blocks=False``); a mismatch fails the replay before the device state
+    is sent, so the destination does not complete.
 
     ``uuid`` is the destination's ``-uuid`` (zeros when it has none): QEMU checks the channel
     init packets against its own UUID, not the captured source's.
@@ -141,6 +182,7 @@ def replay(capture: Capture, address: Address, *, channels: int, method: str = "
                                  "its query-migrate error-desc") from None
         main_bytes += len(data)
 
+    check = _BlockCheck(capture) if verify else None
     try:
         main.settimeout(timeout)
         send_main(capture.prefix)  # at once: the destination peeks the first bytes
@@ -157,6 +199,8 @@ def replay(capture: Capture, address: Address, *, channels: int, method: str = "
                 if len(index):
                     sender.queue_pages(block, index)
         sender.sync()  # pairs with the END FLUSH (or EOS)
+        if check is not None:
+            check.wait(timeout)
         if switchover_start:
             send_main(qs.encode_command(qs.CMD_SWITCHOVER_START))
         send_main(qs.ram_end_section(sid, flush=flush))

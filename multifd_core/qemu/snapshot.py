@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.digest import DEFAULT as DEFAULT_DIGEST
+from multifd_core.engine.digest import manifest_digest
+from multifd_core.engine.writeback import Writeback
 from multifd_core.errors import MultiFDError
 from multifd_core.qemu import mappedram as mr
 from multifd_core.qemu import stream as qs
@@ -31,7 +34,6 @@ from multifd_core.qemu.chunks import (
     CHUNK_PAGES,
     Chunk,
     OrderedDigest,
-    Writeback,
     plan_chunks,
     read_exact,
     run_chunks,
@@ -59,7 +61,7 @@ def import_file(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
                 threads: int = DEFAULT_THREADS, file_offset: int = 0, page_size: int = 4096,
                 preallocate: bool = False) -> dict[str, Any]:
     """Read the mapped-ram file ``path`` into the capture directory ``out_dir`` (the layout
-    and manifest of ``qemu capture``). Each block's sha256 is computed by reading back what was
+    and manifest of ``qemu capture``). Each block's digest is computed by reading back what was
     written, in order, while the copy runs; the manifest is written last.
 
     The block files stay sparse by default (only stored non-zero pages take space, as in the
@@ -146,8 +148,10 @@ def _commit_import(src: MappedRamFile, output: FileOutput, blocks: list[Any],
                             "pages_offset": mb.header.pages_offset} for mb in src.blocks]},
         statistics=stats.as_dict())
     # The writeback thread synced the blocks while they were copied; commit's fsync finishes.
-    output.commit({b.name: d for b, d in zip(blocks, digests, strict=True)}, extra)
-    return {"blocks": [{"name": b.name, "length": b.used_length, "file": f[1], "sha256": d}
+    output.commit({b.name: d for b, d in zip(blocks, digests, strict=True)}, extra,
+                  algorithm=DEFAULT_DIGEST)
+    return {"blocks": [{"name": b.name, "length": b.used_length, "file": f[1],
+                        DEFAULT_DIGEST: d}
                        for b, f, d in zip(blocks, output.files, digests, strict=True)], **extra}
 
 
@@ -159,7 +163,7 @@ def export_capture(capture_dir: str | os.PathLike[str], out_file: str | os.PathL
                    verify: bool = True) -> dict[str, Any]:
     """Write the capture in ``capture_dir`` as a mapped-ram file QEMU restores with
     ``migrate-incoming file:OUT_FILE`` (``,offset=N`` with ``file_offset``). With ``verify``
-    each block's sha256 is checked against the manifest while it is copied; the file is
+    each block's digest is checked against the manifest while it is copied; the file is
     renamed into place only when everything matched and is on disk."""
     t0 = time.perf_counter()
     cap = load_capture(capture_dir, verify=False)
@@ -175,7 +179,7 @@ def export_capture(capture_dir: str | os.PathLike[str], out_file: str | os.PathL
         writer = _writer_for(cap, out_file, file_offset)
         try:
             stats = writer.copy_from(fds, threads=threads,
-                                     expect=[b["sha256"] for b in cap.manifest["blocks"]]
+                                     expect=[manifest_digest(b) for b in cap.manifest["blocks"]]
                                      if verify else None)
             writer.commit()
         except BaseException:

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 
+from multifd_core.engine.digest import DEFAULT
 from multifd_core.engine.ram import RamBlock
 
 
-def digests(blocks: Iterable[RamBlock]) -> dict[str, str]:
-    """sha256 of every block, hashed in parallel threads (hashlib releases the GIL)."""
-    blocks = list(blocks)
-    out: dict[str, str] = {}
-
-    def work(b: RamBlock) -> None:
-        out[b.name] = b.sha256()
-
-    threads = [threading.Thread(target=work, args=(b,)) for b in blocks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+def digests(blocks: Iterable[RamBlock], algorithm: str = DEFAULT, *,
+            threads: bool = True) -> dict[str, str]:
+    """Every block's digest (``engine.digest``); BLAKE3 hashes each block on all cores unless
+    ``threads`` is false (hashing beside a transfer)."""
+    return {b.name: b.digest(algorithm, threads=threads) for b in blocks}

@@ -273,7 +273,7 @@ class FileOutput:
         self.aside.append(name)
 
     def commit(self, digests: dict[str, str], extra: dict[str, Any] | None = None,
-               *, flush: bool = True) -> str:
+               *, flush: bool = True, algorithm: str = "sha256") -> str:
         """Make the blocks durable, write the manifest aside, then rename the blocks and the
         manifest into place: a failure before the last rename leaves no ``manifest.json``."""
         blocks = []
@@ -284,8 +284,8 @@ class FileOutput:
                 except OSError as exc:
                     raise io_error(exc, self.dir.show(fname + PARTIAL)) from None
             blocks.append({"name": name, "length": length, "file": fname,
-                           "sha256": digests[name]})
-        manifest = {"blocks": blocks, **(extra or {})}
+                           algorithm: digests[name]})
+        manifest = {"blocks": blocks, "digest": algorithm, **(extra or {})}
         tmp = MANIFEST + PARTIAL
         self.dir.write(tmp, json.dumps(manifest, indent=2) + "\n")
         for fname in [f[1] for f in self.files] + self.aside:

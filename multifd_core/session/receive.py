@@ -20,6 +20,7 @@ from typing import Any
 
 from multifd_core.engine.ram import RamBlock
 from multifd_core.engine.receiver import Receiver
+from multifd_core.engine.writeback import Writeback
 from multifd_core.errors import (
     IntegrityError,
     MultiFDError,
@@ -78,22 +79,28 @@ class _Digests(threading.Thread):
     the main channel still waits for DONE (the sender hashes its side meanwhile)."""
 
     def __init__(self, receiver: Receiver, blocks: list[RamBlock], started: float,
-                 phases: Phases) -> None:
+                 phases: Phases, algorithm: str) -> None:
         super().__init__(name="multifd-digest", daemon=True)
         self.receiver, self.blocks, self.started, self.phases = receiver, blocks, started, phases
+        self.algorithm = algorithm
+        # The disk writes what has landed while the channels still move the rest.
+        self.writeback = Writeback([b.fd for b in blocks if b.file_backed]).start()
         self._out: tuple[list[ChannelStats], float, dict[str, str]] | None = None
         self._error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            stats = self.receiver.finish()  # fails after ``timeout`` s with nothing moving
+            try:
+                stats = self.receiver.finish()  # fails after ``timeout`` s with nothing moving
+            finally:
+                self.writeback.stop()
             transfer = time.perf_counter() - self.started
             self.phases.enter("syncing")
             # Write file-backed blocks to disk while hashing them (fsync runs without the GIL).
             sync = threading.Thread(target=lambda: [b.flush() for b in self.blocks],
                                     name="multifd-sync", daemon=True)
             sync.start()
-            ours = digests(self.blocks)
+            ours = digests(self.blocks, self.algorithm)
             sync.join()
             self._out = (stats, transfer, ours)
         except BaseException as exc:
@@ -192,7 +199,7 @@ class ReceiveSession:
             acceptor.start()
             # Hash as soon as every channel has ended (the sender closes them before it hashes
             # its own side), so both ends hash at the same time.
-            early = _Digests(receiver, self.blocks, transfer_start, phases)
+            early = _Digests(receiver, self.blocks, transfer_start, phases, hello.digest)
             early.start()
             done = self._rounds(main, receiver)
             log.info("sender's engine: %s", side_text(done.engine))
@@ -207,7 +214,8 @@ class ReceiveSession:
                 chan_stats, method=name, channels=hello.channels,
                 seconds=time.perf_counter() - started, transfer_seconds=transfer,
                 ram_bytes=sum(ln for _, ln in hello.blocks), rounds=receiver.rounds,
-                digests=ours, page_size=hello.page_size, sender=done.engine,
+                digests=ours, digest_algorithm=hello.digest, page_size=hello.page_size,
+                sender=done.engine,
                 receiver=receiver_side)
             if self.on_verified is not None:
                 try:

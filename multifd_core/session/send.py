@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from multifd_core.engine.digest import DEFAULT as DEFAULT_DIGEST
 from multifd_core.engine.ram import RamBlock
 from multifd_core.engine.sender import Sender
 from multifd_core.errors import IntegrityError, MultiFDError, NegotiationError, TransportError
@@ -81,6 +83,28 @@ def _auto_offers(main: MainChannel, blocks: list[RamBlock], registry: MethodRegi
     return ordered, report
 
 
+class _EarlyDigests(threading.Thread):
+    """The blocks' digests, computed alongside the transfer."""
+
+    def __init__(self, blocks: list[RamBlock]) -> None:
+        super().__init__(name="multifd-digest", daemon=True)
+        self.blocks = blocks
+        self._out: dict[str, str] | BaseException = {}
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._out = digests(self.blocks, threads=False)
+        except BaseException as exc:
+            self._out = exc
+
+    def result(self) -> dict[str, str]:
+        self.join()
+        if isinstance(self._out, BaseException):
+            raise self._out
+        return self._out
+
+
 def send_session(
     blocks: list[RamBlock],
     addr: Address,
@@ -142,7 +166,8 @@ def send_session(
         log.info("offering %s; %s", ", ".join(f"{o.name} ({o.code:#04x})" for o in offers),
                  f"requiring {method}" if method else "the receiver takes the first it can run")
         main.send(Hello(session_uuid, page_size, channels,
-                        [(b.name, b.used_length) for b in blocks], offers, method, level))
+                        [(b.name, b.used_length) for b in blocks], offers, method, level,
+                        DEFAULT_DIGEST))
         answer = main.receive()
         if isinstance(answer, Refuse):
             reason = answer.reason
@@ -166,6 +191,8 @@ def send_session(
             log.info("channel %d connected (%s)", i, endpoints(socks[-1]))
         phases.enter("transferring")
         transfer_start = time.perf_counter()
+        # Blocks this process cannot write (a file mapped read-only) hash while they go out.
+        early = _EarlyDigests(blocks) if not any(b.writable for b in blocks) else None
         sender = Sender(instance, socks, page_size=page_size, uuid=session_uuid,
                         timeout=timeout)
         if on_sender is not None:
@@ -188,7 +215,7 @@ def send_session(
         transfer = time.perf_counter() - transfer_start
         log_channels(log, stats.channels)
         phases.enter("verifying")
-        ours = digests(blocks)
+        ours = early.result() if early is not None else digests(blocks)
         main.send(Done(ours, sender_side))
         result = main.receive()
         assert isinstance(result, Result)
@@ -200,6 +227,7 @@ def send_session(
             stats.channels, method=chosen, channels=channels,
             seconds=time.perf_counter() - started, transfer_seconds=transfer,
             ram_bytes=sum(b.used_length for b in blocks), rounds=len(plan), digests=ours,
+            digest_algorithm=DEFAULT_DIGEST,
             page_size=page_size, auto=auto_report, sender=sender_side, receiver=answer.engine,
             phases=phases.finish())
     except BaseException as exc:

@@ -25,6 +25,8 @@ class SessionStats:
     packets_per_channel: list[int]
     rounds: int
     digests: dict[str, str] = field(default_factory=dict)
+    #: The algorithm of ``digests`` (``engine.digest``).
+    digest_algorithm: str = "sha256"
     page_size: int = 4096
     auto: dict[str, Any] | None = None
     #: Each side's engine description (``report.describe``); None when a peer did not say.
@@ -32,11 +34,15 @@ class SessionStats:
     receiver: dict[str, Any] | None = None
     #: Seconds per phase of this end (``report.Phases``).
     phases: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds of this end's channel threads (the engine and the codec), user and system.
+    channel_cpu: tuple[float, float] = (0.0, 0.0)
 
     @classmethod
     def of_channels(cls, per_channel: Sequence[ChannelStats], **kw: Any) -> SessionStats:
         """Totals over the channels' stats; the other fields as keywords."""
-        return cls(wire_bytes=sum(c.wire_bytes for c in per_channel),
+        return cls(channel_cpu=(round(sum(c.user_seconds for c in per_channel), 3),
+                                round(sum(c.system_seconds for c in per_channel), 3)),
+                   wire_bytes=sum(c.wire_bytes for c in per_channel),
                    payload_bytes=sum(c.payload_bytes for c in per_channel),
                    normal_pages=sum(c.normal_pages for c in per_channel),
                    zero_pages=sum(c.zero_pages for c in per_channel),
@@ -65,5 +71,6 @@ class SessionStats:
             "compression_ratio": round(self.compression_ratio, 4),
             "engines": {"sender": self.sender, "receiver": self.receiver},
             "phases": self.phases,
+            "channel_cpu": {"user": self.channel_cpu[0], "system": self.channel_cpu[1]},
             **({"auto": self.auto} if self.auto is not None else {}),
         }

@@ -33,6 +33,10 @@ _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
+#: Block digests a HELLO may name (``engine.digest`` computes them).
+DIGESTS = ("blake3", "sha256")
+
+
 class Msg(IntEnum):
     HELLO = 1
     ACCEPT = 2
@@ -122,6 +126,8 @@ class Hello:
     offers: list[Offer]
     method: str | None = None
     level: int | None = None
+    #: The block digest DONE carries (``DIGESTS``); a HELLO without the field means sha256.
+    digest: str = "sha256"
 
     def to_body(self) -> dict[str, Any]:
         return {"uuid": self.uuid.hex(), "page_size": self.page_size,
@@ -129,7 +135,7 @@ class Hello:
                 "blocks": [{"name": n, "length": ln} for n, ln in self.blocks],
                 "offers": [{"name": o.name, "code": o.code, "version": o.version}
                            for o in self.offers],
-                "method": self.method, "level": self.level}
+                "method": self.method, "level": self.level, "digest": self.digest}
 
 
 def parse_hello(body: dict[str, Any], *, max_channels: int = 255,
@@ -188,7 +194,12 @@ def parse_hello(body: dict[str, Any], *, max_channels: int = 255,
     if level is not None and (not isinstance(level, int) or isinstance(level, bool)):
         raise WireError("bad level", field="level", received=repr(level)[:40],
                         expected="an integer or null")
-    return Hello(bytes.fromhex(uuid), page_size, channels, blocks, offers, method, level)
+    digest = body.get("digest", "sha256")
+    if digest not in DIGESTS:
+        raise WireError("unknown block digest", field="digest", received=repr(digest)[:40],
+                        expected=" or ".join(DIGESTS))
+    return Hello(bytes.fromhex(uuid), page_size, channels, blocks, offers, method, level,
+                 digest)
 
 
 def _encodable(text: str) -> bool:

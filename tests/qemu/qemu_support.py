@@ -6,7 +6,6 @@ Without QEMU >= 10 the live tests skip locally with the install hint, and fail u
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from multifd_core.engine.digest import digest_of, manifest_digest
 from multifd_core.methods.registry import default_registry
 from multifd_core.qemu.capture import QemuCapture
 from multifd_core.qemu.vm import GuestConfig, QemuVM, qemu_missing_reason
@@ -44,7 +44,13 @@ def require_method(name: str) -> None:
 
 
 def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """A file's digest as a manifest records it for a block (``engine.digest``'s default)."""
+    return digest_of(path.read_bytes())
+
+
+def block_digest(entry: dict[str, Any]) -> str:
+    """The digest a manifest records for a block, whichever algorithm it uses."""
+    return manifest_digest(entry)[1]
 
 
 def differing_pages(a: Path, b: Path) -> list[int]:

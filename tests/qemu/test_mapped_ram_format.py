@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from multifd_core.engine.digest import DEFAULT as DEFAULT_DIGEST
+from multifd_core.engine.digest import digest_of
 from multifd_core.qemu import mappedram as mr
 from multifd_core.qemu import stream as qs
 from multifd_core.qemu.mappedfile import MappedRamWriter, open_mapped_ram, sync_mode
@@ -126,7 +128,7 @@ def write_file(tmp: Path, *, offset: int = 0, threads: int = 3) -> tuple[Path, l
     fds = [os.open(p, os.O_RDONLY) for p in paths]
     try:
         stats = writer.copy_from(fds, threads=threads,
-                                 expect=[hashlib.sha256(a.tobytes()).hexdigest()
+                                 expect=[("sha256", hashlib.sha256(a.tobytes()).hexdigest())
                                          for a in arrays])
     finally:
         for fd in fds:
@@ -179,8 +181,8 @@ def test_import_ignores_stale_data_of_absent_pages(tmp_path: Path) -> None:
     manifest = import_file(out, tmp_path / "cap", threads=2)
     got = np.fromfile(tmp_path / "cap" / manifest["blocks"][0]["file"], dtype=np.uint8)
     assert np.array_equal(got, arrays[0].reshape(-1))
-    assert manifest["blocks"][0]["sha256"] == hashlib.sha256(arrays[0].tobytes()).hexdigest()
-    assert manifest["blocks"][1]["sha256"] == hashlib.sha256(arrays[1].tobytes()).hexdigest()
+    assert manifest["blocks"][0][DEFAULT_DIGEST] == digest_of(arrays[0])
+    assert manifest["blocks"][1][DEFAULT_DIGEST] == digest_of(arrays[1])
     assert (tmp_path / "cap" / "prefix.bin").read_bytes() == qs.encode_header() + \
         qs.encode_configuration("pc-i440fx-10.0")
     assert (tmp_path / "cap" / "tail.bin").read_bytes() == TAIL
@@ -188,7 +190,7 @@ def test_import_ignores_stale_data_of_absent_pages(tmp_path: Path) -> None:
 
 
 def test_export_refuses_a_damaged_capture(tmp_path: Path) -> None:
-    """A block whose bytes differ from the manifest's sha256: error, and no file."""
+    """A block whose bytes differ from the manifest's digest: error, and no file."""
     out, _ = write_file(tmp_path)
     cap = tmp_path / "cap"
     manifest = import_file(out, cap)
@@ -199,7 +201,7 @@ def test_export_refuses_a_damaged_capture(tmp_path: Path) -> None:
     from multifd_core.errors import MultiFDError
     from multifd_core.qemu.snapshot import export_capture
 
-    with pytest.raises(MultiFDError, match="ramblock pc.ram: sha256 .* differs from the "
+    with pytest.raises(MultiFDError, match="ramblock pc.ram: blake3 .* differs from the "
                                            "manifest"):
         export_capture(cap, tmp_path / "again.mr")
     assert not (tmp_path / "again.mr").exists()

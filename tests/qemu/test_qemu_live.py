@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu_support import Lab, assert_same_ram, incoming_port, require_method, sha
+from qemu_support import Lab, assert_same_ram, block_digest, incoming_port, require_method, sha
 
 from multifd_core import wire
 from multifd_core.errors import MultiFDError
@@ -68,7 +68,7 @@ def test_capture(lab: Lab, start_capture, machine: str, paused: bool, zpd: str |
     out = cap.cap.out_dir
     mem = m["blocks"][0]
     assert mem["name"] == "mem" and mem["length"] == MEM_LEN
-    assert mem["sha256"] == sha(src.config.ram_file)  # the source's final RAM
+    assert block_digest(mem) == sha(src.config.ram_file)  # the source's final RAM
     bios = next(b for b in m["blocks"] if b["name"] == "pc.bios")
     dump = lab.workdir / "bios.dump"
     src.qmp.execute("pmemsave", {"val": 0xFFFC0000, "size": 0x40000, "filename": str(dump)})
@@ -244,3 +244,20 @@ def test_cli_capture_and_replay(lab: Lab, tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "multifd_core.cli", "qemu", "replay",
                           str(tmp_path), addr], capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "no manifest.json" in bad.stderr
+    # A block that changed after the capture: replay checks the digests while it sends and
+    # fails before the device state, so the destination never completes from it.
+    ram = out / "000-mem.ram"
+    with open(ram, "r+b") as f:
+        f.seek(0x100000)  # inside the loaded region: a page the capture holds
+        byte = f.read(1)
+        f.seek(0x100000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    dst2 = lab.destination(name="dst2")
+    addr2 = incoming_port(dst2, 2)
+    corrupt = subprocess.run([sys.executable, "-m", "multifd_core.cli", "qemu", "replay",
+                              str(out), addr2, "--channels", "2"],
+                             capture_output=True, text=True, timeout=60)
+    assert corrupt.returncode == 1, corrupt.stderr
+    assert "000-mem.ram: blake3 differs from the manifest" in corrupt.stderr
+    assert "Traceback" not in corrupt.stderr
+    assert dst2.qmp.wait_migration(timeout=20)["status"] == "failed"

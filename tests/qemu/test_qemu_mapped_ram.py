@@ -14,7 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qemu_support import Lab, assert_same_ram, incoming_port, require_method, require_qemu, sha
+from qemu_support import (
+    Lab,
+    assert_same_ram,
+    block_digest,
+    incoming_port,
+    require_method,
+    require_qemu,
+    sha,
+)
 
 from multifd_core.cli import main
 from multifd_core.qemu.mappedfile import open_mapped_ram
@@ -85,7 +93,7 @@ def test_qemu_file_import_replay_export(lab: Lab, machine: str, running: bool,
     cap = lab.workdir / "imported"
     manifest = import_file(saved, cap, threads=3)
     mem = manifest["blocks"][0]
-    assert mem["name"] == "mem" and mem["sha256"] == sha(src.config.ram_file)
+    assert mem["name"] == "mem" and block_digest(mem) == sha(src.config.ram_file)
     assert sum(b["length"] for b in manifest["blocks"]) == N_PAGES * 4096
     assert manifest["configuration"]["capabilities"] == []
     assert load_capture(cap).manifest["machine"].startswith(
@@ -143,7 +151,7 @@ def test_capture_straight_to_a_mapped_ram_file(lab: Lab, start_capture) -> None:
     assert not out.with_name("live.mr.partial").exists()
     assert not (cap.cap.out_dir / "manifest.json").exists()
     back = import_file(out, lab.workdir / "back")
-    assert [b["sha256"] for b in back["blocks"]] == [b["sha256"] for b in result["blocks"]]
+    assert [block_digest(b) for b in back["blocks"]] == [block_digest(b) for b in result["blocks"]]
     dst = lab.destination(machine="q35")
     restore(dst, out, None)
     assert_same_ram(dst.config.ram_file, src.config.ram_file, running=True)
@@ -250,8 +258,8 @@ def test_cli_import_export(qemu_file: Path, tmp_path: Path,
     assert main(["qemu", "export", str(cap), str(out)]) == 0
     assert "zero pages left out" in capsys.readouterr().out
     back = import_file(out, tmp_path / "back")
-    assert [b["sha256"] for b in back["blocks"]] == \
-        [b["sha256"] for b in load_capture(cap).manifest["blocks"]]
+    assert [block_digest(b) for b in back["blocks"]] == \
+        [block_digest(b) for b in load_capture(cap).manifest["blocks"]]
     broken = tmp_path / "broken"
     shutil.copytree(cap, broken)
     os.unlink(broken / back["blocks"][2]["file"])

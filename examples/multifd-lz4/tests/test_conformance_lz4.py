@@ -1,8 +1,7 @@
 """The lz4 example against the multifd conformance kit."""
 
-from multifd_lz4 import Lz4
-
 from multifd_core.testing import MethodConformance
+from multifd_lz4 import Lz4
 
 
 class TestLz4Conformance(MethodConformance):

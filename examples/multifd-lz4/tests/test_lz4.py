@@ -5,13 +5,13 @@ from __future__ import annotations
 import lz4.frame
 import numpy as np
 import pytest
-from multifd_lz4 import Lz4
 
 from multifd_core.errors import MultiFDError
 from multifd_core.harness import MethodHarness
 from multifd_core.method import MAX_COMPRESSED_PAYLOAD, MethodOptions
 from multifd_core.registry import MethodRegistry, check_method_class
 from multifd_core.testing import make_pages, mixed_pages
+from multifd_lz4 import Lz4
 
 ENGINES = [e.name for e in Lz4.engines() if e.available]
 FRAME_MAGIC = b"\x04\x22\x4d\x18"

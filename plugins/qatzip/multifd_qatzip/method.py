@@ -12,7 +12,6 @@ from multifd_core.method import (
     Method,
     MethodOptions,
 )
-
 from multifd_core.wire import PACKET_SIZE
 from multifd_qatzip import engines
 

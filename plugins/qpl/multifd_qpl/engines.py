@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import multifd_pagecodec as pagecodec
+from multifd_core import perpage
 from multifd_core.context import SendPacket
+from multifd_core.errors import MethodError, MultiFDError
 from multifd_core.method import EngineInfo
 from multifd_core.native import HardwareProbe, hardware_engine_info, software_forced
-
-from multifd_core import perpage
-from multifd_core.errors import MethodError, MultiFDError
 from multifd_qpl import _ffi, software
 
 ENV_ENGINE = "MULTIFD_QPL_ENGINE"

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from multifd_core.context import ChannelContext
-from multifd_core.method import EngineInfo, MethodOptions
-
 from multifd_core import perpage
+from multifd_core.context import ChannelContext
 from multifd_core.errors import MultiFDError
+from multifd_core.method import EngineInfo, MethodOptions
 from multifd_core.wire import page_count
 from multifd_qpl import engines, software
 

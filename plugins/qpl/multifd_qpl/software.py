@@ -15,7 +15,6 @@ from types import ModuleType
 from typing import Any
 
 import multifd_pagecodec as pagecodec
-
 from multifd_core.errors import MethodError
 
 try:  # ISA-L: about 2.5x zlib's speed at level 1 on x86-64

@@ -17,12 +17,11 @@ import zlib
 from typing import Any
 
 import multifd_pagecodec as pagecodec
+from multifd_core import perpage
 from multifd_core.context import SendPacket
+from multifd_core.errors import MethodError, MultiFDError
 from multifd_core.method import EngineInfo
 from multifd_core.native import HardwareProbe, hardware_engine_info, software_forced
-
-from multifd_core import perpage
-from multifd_core.errors import MethodError, MultiFDError
 from multifd_uadk import _ffi, software
 
 ENV_ENGINE = "MULTIFD_UADK_ENGINE"

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from multifd_core import perpage
 from multifd_core.context import ChannelContext
 from multifd_core.method import EngineInfo, MethodOptions
-
-from multifd_core import perpage
 from multifd_core.wire import page_count
 from multifd_uadk import engines
 

@@ -12,7 +12,6 @@ import zlib
 from typing import Any
 
 import multifd_pagecodec as pagecodec
-
 from multifd_core.errors import MethodError
 
 HEADER = 2  # bytes of zlib header UADK's driver skips unseen

@@ -8,7 +8,7 @@ the channel's persistent stream into at most ``normal_pages * page_size + 1`` by
 payload that yields more or less, ends the stream, or is not deflate data is refused.
 
 CPython's ``zlib`` releases the GIL while it deflates and inflates, so channels compress in
-parallel (see ``benchmarks/bench_codecs.py``).
+parallel (see ``benchmarks.bench_codecs``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import re
 import zlib
 from typing import Any
 
-from multifd_core.context import ChannelContext, RecvPacket, SendPacket
-
 from multifd_core import EngineInfo, LevelRange, Method, MethodError, hookimpl
+from multifd_core.context import ChannelContext, RecvPacket, SendPacket
 
 __version__ = "0.1.0"
 

@@ -13,16 +13,15 @@ chunk (``WRITE_SIZE``), and the window a frame may ask for is capped at ``MAX_WI
 
 python-zstandard's C backend releases the GIL around ``ZSTD_compressStream2`` and
 ``ZSTD_decompressStream``, so channels compress in parallel (see
-``benchmarks/bench_codecs.py``).
+``benchmarks.bench_codecs``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from multifd_core.context import ChannelContext, RecvPacket, SendPacket
-
 from multifd_core import EngineInfo, LevelRange, Method, MethodError, hookimpl
+from multifd_core.context import ChannelContext, RecvPacket, SendPacket
 from multifd_core.errors import LibraryNotFoundError
 from multifd_core.wire import PACKET_SIZE
 
