@@ -16,11 +16,11 @@ from multifd_core.testing import in_ci
 
 #: Node ids (without parameters) that may skip under CI, and why.
 CI_MAY_SKIP = {
-    "tests/test_qpl.py::test_hardware_path_is_exercised_only_with_a_device":
+    "plugins/qpl/tests/test_qpl.py::test_hardware_path_is_exercised_only_with_a_device":
         "needs an Intel IAA device; CI machines have none",
-    "tests/test_qpl.py::test_declarations_match_an_installed_header":
+    "plugins/qpl/tests/test_qpl.py::TestQplEngines::test_declarations_match_an_installed_header":
         "needs Intel QPL's header, which no Debian release packages",
-    "tests/test_uadk.py::test_declarations_match_an_installed_header":
+    "plugins/uadk/tests/test_uadk.py::TestUadkEngines::test_declarations_match_an_installed_header":
         "needs UADK's header, which no Debian release packages",
 }
 

@@ -5,7 +5,7 @@ its non-zero pages (zero pages never reach a method), which two threads encode, 
 own channel, then decode. Reported per method and engine: encode and decode wall time and
 throughput over the whole image, packets per second, the payload size over the non-zero pages
 (ratio), and the share of time two busy channel threads were runnable (GIL: 1.0 = they never
-waited for it; ``multifd_core.testing.gil_runnable``).
+waited for it; ``multifd_core.gilcheck.gil_runnable``).
 
 The qpl and uadk software engines run twice in the same run: with their C helper
 (multifd-pagecodec, one call a packet) and with the Python per-page loop it replaces
@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from multifd_core.engine.harness import MethodHarness
+from multifd_core.gilcheck import gil_runnable
 from multifd_core.methods.method import MethodOptions
-from multifd_core.testing import gil_runnable, make_pages
+from multifd_core.pagekinds import make_pages
 from multifd_core.vendorbench import run_threads
 from multifd_core.wire import page_count
 

@@ -12,10 +12,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from multifd_core.errors import MultiFDError
+
+#: The checkout: the probe scripts import ``benchmarks`` from there.
+REPO = Path(__file__).resolve().parents[1]
 SEND_IP = "10.231.0.1"
 RECV_IP = "10.231.0.2"
 #: tbf burst per rate (bytes): enough for the kernel timer granularity and 64 KiB GSO frames.
@@ -23,7 +32,7 @@ BURST = {"1gbit": "1mb", "10gbit": "8mb"}
 
 _SINK = r"""
 import json, socket, sys
-from multifd_core.session.auto import probe_receive
+from benchmarks.bench_link import probe_receive
 host, port, conns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind((host, port)); ls.listen(16)
@@ -35,7 +44,7 @@ print(json.dumps({"bytes": n, "seconds": s}), flush=True)
 
 _PUSH = r"""
 import socket, sys, time
-from multifd_core.session.auto import probe_send
+from benchmarks.bench_link import probe_send
 host, port, conns, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 socks = []
 for _ in range(conns):
@@ -109,13 +118,13 @@ class Link:
         port = str(free_port())
         sink = subprocess.Popen(["ip", "netns", "exec", self.recv_ns, sys.executable, "-c",
                                  _SINK, self.host, port, str(conns)],
-                                stdout=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)
         try:
             assert sink.stdout is not None
             sink.stdout.readline()
             subprocess.run(["ip", "netns", "exec", self.send_ns, sys.executable, "-c", _PUSH,
                             self.host, port, str(conns), str(seconds)],
-                           check=True, timeout=seconds + 60)
+                           check=True, timeout=seconds + 60, cwd=REPO)
             out, _ = sink.communicate(timeout=60)
         finally:
             if sink.poll() is None:
@@ -125,3 +134,65 @@ class Link:
         rate = got["bytes"] / got["seconds"] if got["seconds"] else 0.0
         return {"conns": conns, "bytes": got["bytes"], "seconds": round(got["seconds"], 4),
                 "bytes_per_s": round(rate)}
+
+
+# The bare-socket link probe: incompressible bytes pushed for ``seconds`` over N connections
+# (``probe_send``), counted from the first to the last byte (``probe_receive``).
+
+_PROBE_CHUNK = 256 * 1024
+
+
+def probe_send(socks: Sequence[socket.socket], seconds: float) -> int:
+    """Push random bytes on every socket for ``seconds``, then shut down writing; the bytes."""
+    chunk = memoryview(os.urandom(_PROBE_CHUNK))
+    sent = [0] * len(socks)
+    deadline = time.monotonic() + seconds
+
+    def push(i: int) -> None:
+        while time.monotonic() < deadline:
+            socks[i].sendall(chunk)
+            sent[i] += len(chunk)
+        socks[i].shutdown(socket.SHUT_WR)
+
+    _run_threads(push, len(socks))
+    return sum(sent)
+
+
+def probe_receive(socks: Sequence[socket.socket]) -> tuple[int, float]:
+    """Read every socket to EOF; (bytes, seconds from the first byte to the last)."""
+    got = [0] * len(socks)
+    first: list[float] = []
+    last = [0.0]
+    lock = threading.Lock()
+
+    def pull(i: int) -> None:
+        buf = bytearray(_PROBE_CHUNK)
+        while n := socks[i].recv_into(buf):
+            now = time.perf_counter()
+            with lock:
+                if not first:
+                    first.append(now)
+                last[0] = max(last[0], now)
+            got[i] += n
+
+    _run_threads(pull, len(socks))
+    span = (last[0] - first[0]) if first else 0.0
+    return sum(got), span
+
+
+def _run_threads(target: Any, n: int) -> None:
+    errors: list[BaseException] = []
+
+    def wrap(i: int) -> None:
+        try:
+            target(i)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrap, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise MultiFDError(f"link probe failed: {errors[0]}")

@@ -124,7 +124,7 @@ def native(image: str, method: str, channels: int, workdir: str,
                            "transfer_s": sides["send"]["transfer_seconds"]}
     ram = sides["send"]["ram_bytes"] / GIB
     for side, st in sides.items():
-        cpu = st["channel_cpu"]
+        cpu = st.get("channel_cpu") or {"user": float("nan"), "system": float("nan")}
         row[side] = {"seconds": st["seconds"], "phases": st["phases"],
                      "engine_cpu_per_gib": (cpu["user"] / ram, cpu["system"] / ram),
                      "process_cpu_per_gib": (reaped[side]["user"] / ram,

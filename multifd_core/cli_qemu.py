@@ -12,7 +12,7 @@ from typing import Any
 from multifd_core.cliargs import add_wait_first, channel_count, int_range, parse_size, seconds
 from multifd_core.errors import MultiFDError, UsageError
 from multifd_core.session.limits import DEFAULT_MAX_MEMORY
-from multifd_core.session.transport import parse_address
+from multifd_core.session.transport import Address, parse_address
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -133,15 +133,21 @@ def _offset(text: str) -> int:
 _threads = int_range("thread count", 1, 64)
 
 
-def cmd_capture(args: argparse.Namespace) -> int:
-    from multifd_core.qemu.capture import QemuCapture
-
+def _tcp_address(text: str, what: str) -> Address:
+    """``text`` as a tcp: address; a usage error (exit 2) for anything else."""
     try:
-        addr = parse_address(args.listen)
+        addr = parse_address(text)
     except MultiFDError as exc:
         raise UsageError(str(exc)) from None
     if addr.kind != "tcp":
-        raise UsageError("qemu capture listens on tcp:HOST:PORT only")
+        raise UsageError(f"{what} tcp:HOST:PORT only")
+    return addr
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from multifd_core.qemu.capture import QemuCapture
+
+    addr = _tcp_address(args.listen, "qemu capture listens on")
     if addr.host not in LOOPBACK and not args.allow_remote:
         raise UsageError(f"refusing to listen on {addr.host}: capture listens on loopback "
                          "unless --allow-remote is given")
@@ -170,12 +176,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from multifd_core.qemu.replay import load_capture, replay
 
-    try:
-        addr = parse_address(args.address)
-    except MultiFDError as exc:
-        raise UsageError(str(exc)) from None
-    if addr.kind != "tcp":
-        raise UsageError("qemu replay connects to tcp:HOST:PORT only")
+    addr = _tcp_address(args.address, "qemu replay connects to")
     if os.path.isdir(args.dir):
         capture = load_capture(args.dir, verify=not args.no_verify, verify_blocks=False)
         verify = not args.no_verify

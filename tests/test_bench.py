@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from benchmarks.bench_link import probe_receive, probe_send
 from multifd_core.engine.ram import RamBlock
 from multifd_core.image import fill_mixed
 from multifd_core.methods.registry import default_registry
-from multifd_core.session.auto import Candidate, predict_best, probe_receive, probe_send
+from multifd_core.session.auto import Candidate, predict_best
 from multifd_core.testing import require
 
 REPO = Path(__file__).resolve().parents[1]

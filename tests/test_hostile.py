@@ -453,7 +453,6 @@ def test_loopback_addresses_are_recognised() -> None:
 
 def test_qemu_capture_listens_on_loopback_unless_allowed(
         tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
-    pytest.importorskip("multifd_core.cli_qemu")
     from multifd_core.cli import main
 
     rc = main(["qemu", "capture", "--listen", "tcp:0.0.0.0:0", "--out", str(tmp_path / "o")])

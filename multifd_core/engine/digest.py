@@ -9,7 +9,9 @@ peer or read from an older manifest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +47,61 @@ def digest_of(buffer: Any, algorithm: str = DEFAULT, *, threads: bool = True) ->
     h = hasher(algorithm, threads=threads)
     for start in range(0, len(view), STEP):
         h.update(view[start : start + STEP])
+    return h.hexdigest()
+
+
+#: Fed to the hash for a file's holes (read as zeros without touching the file's pages).
+_ZEROS = memoryview(bytes(16 << 20))
+
+
+#: The window of the hole lookup: holes shorter than this are read like data.
+MIN_HOLE = 4 << 20
+
+
+def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    """Byte ranges of the ``length`` bytes at ``offset`` in file ``fd`` that may hold data,
+    relative to ``offset``; the rest is holes (which read as zeros). Looked up per
+    ``MIN_HOLE`` window with ``SEEK_DATA`` (one call per window that holds data, one per run
+    of hole windows), so a hole shorter than a window counts as data. The whole range where
+    the file system cannot tell."""
+    out: list[tuple[int, int]] = []
+    end = offset + length
+    pos, start = offset, None  # window start; where the current data range began
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: no data from pos on
+                return [(0, length)]
+            data = end
+        if data >= min(pos + MIN_HOLE, end):  # [pos, pos + MIN_HOLE) is a hole
+            if start is not None:
+                out.append((start - offset, pos - offset))
+                start = None
+            pos = max(pos + MIN_HOLE, min(data, end))
+        else:
+            if start is None:
+                start = data
+            pos += MIN_HOLE
+    if start is not None:
+        out.append((start - offset, length))
+    return out
+
+
+def digest_of_file(buffer: Any, fd: int, offset: int = 0, algorithm: str = DEFAULT, *,
+                   threads: bool = True) -> str:
+    """``digest_of(buffer)`` for a buffer that maps ``fd`` from ``offset``: the same digest,
+    but holes are hashed from a zero buffer instead of being read through the mapping (reading
+    a hole makes the kernel allocate and zero a page-cache page for it)."""
+    view = memoryview(buffer).cast("B")
+    h = hasher(algorithm, threads=threads)
+    done = 0
+    for start, end in data_extents(fd, offset, len(view)) + [(len(view), len(view))]:
+        for zero in range(done, start, len(_ZEROS)):
+            h.update(_ZEROS[: min(len(_ZEROS), start - zero)])
+        for step in range(start, end, STEP):
+            h.update(view[step : min(step + STEP, end)])
+        done = end
     return h.hexdigest()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from multifd_core.engine.digest import DEFAULT as DEFAULT_DIGEST
-from multifd_core.engine.digest import digest_of
+from multifd_core.engine.digest import digest_of, digest_of_file
 from multifd_core.errors import MultiFDError, io_error
 from multifd_core.wire import RAMBLOCK_NAME_LEN, check_page_size
 from multifd_core.wire.pages import page_runs, run_bounds
@@ -67,6 +67,9 @@ class RamBlock:
     def digest(self, algorithm: str = DEFAULT_DIGEST, *, threads: bool = True) -> str:
         """The block's digest (``engine.digest``: BLAKE3 by default, on all cores unless
         ``threads`` is false)."""
+        if self._fd is not None:
+            return digest_of_file(self.array, self._fd, self._fd_offset, algorithm,
+                                  threads=threads)
         return digest_of(self.array, algorithm, threads=threads)
 
     def sha256(self) -> str:

@@ -28,10 +28,15 @@ def start_writeback(fd: int) -> None:
 
 
 class Writeback:
-    """``with Writeback(fds):`` keeps the files' write-back going while the block runs."""
+    """``with Writeback(fds):`` keeps the files' write-back going while the block runs.
+
+    ``stop`` does not wait for a pass in progress (``sync_file_range`` can block while the
+    disk queue is full; the caller's ``fdatasync`` covers what it was doing): the thread works
+    on duplicates of the descriptors, closed by the thread itself, so the caller may close its
+    own at once."""
 
     def __init__(self, fds: Sequence[int], *, interval: float = 0.25) -> None:
-        self.fds = list(dict.fromkeys(fds))
+        self.fds = [os.dup(fd) for fd in dict.fromkeys(fds)]
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="multifd-writeback",
@@ -44,8 +49,13 @@ class Writeback:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        if not self._thread.is_alive() and not self._thread.ident:
+            self._close()  # never started
+
+    def _close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
 
     def __enter__(self) -> Writeback:
         return self.start()
@@ -54,9 +64,13 @@ class Writeback:
         self.stop()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for fd in self.fds:
-                try:
+        try:
+            while not self._stop.wait(self.interval):
+                for fd in self.fds:
+                    if self._stop.is_set():
+                        break
                     start_writeback(fd)
-                except OSError:
-                    return  # the final fdatasync reports it
+        except OSError:
+            pass  # the final fdatasync reports it
+        finally:
+            self._close()

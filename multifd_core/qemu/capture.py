@@ -35,6 +35,7 @@ from multifd_core.methods.registry import MethodRegistry, default_registry
 from multifd_core.qemu import stream as qs
 from multifd_core.session.limits import DEFAULT_MAX_MEMORY, check_receive_memory, ensure_open_files
 from multifd_core.session.outdir import PARTIAL, FileOutput, printable
+from multifd_core.session.report import Phases
 from multifd_core.session.transport import ConnectionGate, Refusals, accept_until
 from multifd_core.wire import INIT_LEN, InitPacket, decode_init, format_uuid, validate_init
 from multifd_core.wire import MAGIC as MULTIFD_MAGIC
@@ -66,6 +67,8 @@ class CaptureStats:
     ram_sections: int = 0
     sync_rounds: int = 0
     channels: list[dict[str, int]] = field(default_factory=list)
+    #: Seconds per phase until the digests (transferring, finishing, hashing+durable).
+    phases: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         ch = self.channels
@@ -79,7 +82,7 @@ class CaptureStats:
             "sync_rounds": self.sync_rounds, "normal_pages": normal, "zero_pages": zero,
             "wire_bytes": wire,
             "throughput_bytes_per_s": round(wire / self.seconds) if self.seconds else 0,
-            "channels": ch,
+            "channels": ch, "phases": self.phases,
         }
 
 
@@ -135,6 +138,8 @@ class QemuCapture:
         self._stop = threading.Event()
         self._acceptor: threading.Thread | None = None
         self._writeback = Writeback([])
+        self._gate: ConnectionGate | None = None
+        self._phases = Phases(log)
 
     # ------------------------------------------------------------------ connections
 
@@ -157,6 +162,7 @@ class QemuCapture:
         except OSError as exc:
             self._fail(TransportError(f"cannot accept connections: {exc.strerror or exc}"))
             return
+        self._gate = gate
         try:
             accept_until(gate, self._classify, self._stop.is_set)
         except MultiFDError as exc:  # the source's own channel breaks a rule
@@ -289,6 +295,8 @@ class QemuCapture:
         finally:
             self._writeback.stop()
             self._stop.set()
+            if self._gate is not None:
+                self._gate.wake()  # the acceptor's poll returns now, not at its next timeout
             if self._acceptor is not None:
                 self._acceptor.join(2)
             if self.listener is not None:
@@ -344,6 +352,7 @@ class QemuCapture:
         receiver = self.receiver
         main, head = self._wait_main()
         t0 = time.perf_counter()
+        self._phases.enter("transferring")
         main.settimeout(_POLL)
         reader = qs.MainStreamReader(page_size=self.page_size)
         tail = qs.TailTracker()
@@ -438,6 +447,7 @@ class QemuCapture:
                 raise io_error(exc, str(self.out_dir / (TAIL_FILE + PARTIAL))) from None
         finally:
             os.close(tail_fd)
+        self._phases.enter("finishing")
         # A 9.0-9.2 source leaves one unpaired SYNC per channel: release it.
         receiver.release_all()
         receiver.finish()
@@ -488,7 +498,10 @@ class QemuCapture:
         assert pro is not None and reader.tail_offset is not None
         output.write_aside(PREFIX_FILE, pro.raw)
         output.write_aside(VMDESC_FILE, vmdesc)
-        digests = {name: b.digest() for name, b in blocks.items()}
+        self._phases.enter("hashing+durable")
+        digests = output.flush_while(lambda: {name: b.digest() for name, b in blocks.items()})
+        self._phases.enter("committing")
+        self.stats.phases = dict(self._phases.seconds)
         stats = self.stats.as_dict()
         zpd = "legacy" if self.stats.main_zero_pages else (
             "multifd" if stats["zero_pages"] else "none or no zero pages")
@@ -502,7 +515,8 @@ class QemuCapture:
             return_path=return_path, switchover_start=switchover, zero_page_detection=zpd,
             ram_section_id=reader.ram_section_id, commands=[c.name for c in reader.commands],
             statistics=stats)
-        where = output.commit(digests, extra, algorithm=DEFAULT_DIGEST)
+        where = output.commit(digests, extra, flush=False, algorithm=DEFAULT_DIGEST)
+        self._phases.finish()
         if self.mapped_ram is not None:
             return {"file": where, "blocks": [{"name": n, "length": b.used_length,
                                                DEFAULT_DIGEST: digests[n]}

@@ -13,9 +13,9 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -42,6 +42,8 @@ _READ = 1 << 16
 #: Pages per bitmap slice when walking a whole block (8 KiB of bitmap).
 SLICE_PAGES = 1 << 16
 
+
+T = TypeVar("T")
 
 @dataclass
 class MappedRamFile:
@@ -415,6 +417,10 @@ class MappedRamOutput:
 
     def write_aside(self, name: str, data: bytes) -> None:
         """The prefix and the vmdesc are in the stream already."""
+
+    def flush_while(self, work: Callable[[], T]) -> T:
+        """``work()``: the file is made durable in ``commit``, after its bitmaps."""
+        return work()
 
     def commit(self, digests: dict[str, str], extra: dict[str, Any] | None = None,
                **_: Any) -> str:

@@ -10,15 +10,12 @@ through its own hooks on one core, and predicts the whole migration's time as th
 
 where the parallel channels are ``min(channels, cores)`` (``cores`` may be a fraction on a
 shared machine): the stages overlap (channels stream),
-so the slowest one sets the pace. The link rate comes from a probe such as
-``probe_send``/``probe_receive`` below, run over the session's own connections.
+so the slowest one sets the pace. The link rate comes from the session's PROBE exchange on
+its main connection (``session.send.probe_link``).
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -237,69 +234,3 @@ def predict_best(blocks: Sequence[RamBlock], registry: MethodRegistry, channels:
         "skipped": skipped, "seconds": round(time.perf_counter() - started, 3),
     }
     return best.method, report
-
-
-# --------------------------------------------------------------------------- link probe
-#
-# The session protocol can measure the link before choosing: after ACCEPT, the sender pushes
-# incompressible bytes for ``seconds`` over its channel connections (``probe_send``), the
-# receiver counts them from the first to the last byte (``probe_receive``) and answers with
-# the rate; both sides then pass it to ``predict_best``.
-
-_PROBE_CHUNK = 256 * 1024
-
-
-def probe_send(socks: Sequence[socket.socket], seconds: float) -> int:
-    """Push random bytes on every socket for ``seconds``, then shut down writing; the bytes."""
-    chunk = memoryview(os.urandom(_PROBE_CHUNK))
-    sent = [0] * len(socks)
-    deadline = time.monotonic() + seconds
-
-    def push(i: int) -> None:
-        while time.monotonic() < deadline:
-            socks[i].sendall(chunk)
-            sent[i] += len(chunk)
-        socks[i].shutdown(socket.SHUT_WR)
-
-    _run_threads(push, len(socks))
-    return sum(sent)
-
-
-def probe_receive(socks: Sequence[socket.socket]) -> tuple[int, float]:
-    """Read every socket to EOF; (bytes, seconds from the first byte to the last)."""
-    got = [0] * len(socks)
-    first: list[float] = []
-    last = [0.0]
-    lock = threading.Lock()
-
-    def pull(i: int) -> None:
-        buf = bytearray(_PROBE_CHUNK)
-        while n := socks[i].recv_into(buf):
-            now = time.perf_counter()
-            with lock:
-                if not first:
-                    first.append(now)
-                last[0] = max(last[0], now)
-            got[i] += n
-
-    _run_threads(pull, len(socks))
-    span = (last[0] - first[0]) if first else 0.0
-    return sum(got), span
-
-
-def _run_threads(target: Any, n: int) -> None:
-    errors: list[BaseException] = []
-
-    def wrap(i: int) -> None:
-        try:
-            target(i)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrap, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise MultiFDError(f"link probe failed: {errors[0]}")

@@ -17,7 +17,6 @@ def negotiate_method(hello: Hello, registry: MethodRegistry, forced: str | None)
     """The receiver's choice: the method forced by either side, else the first offer it can
     decode. Raises NegotiationError naming what each side has and what to install."""
     offered = [o.name for o in hello.offers]
-    here = [e.name for e in registry.entries() if e.cls.available()[0]]
     wanted = forced or hello.method
     if forced and hello.method and forced != hello.method:
         raise NegotiationError(f"sender requires method {hello.method}, receiver requires "
@@ -42,6 +41,7 @@ def negotiate_method(hello: Hello, registry: MethodRegistry, forced: str | None)
             raise NegotiationError(f"method {wanted} cannot run on the receiver: {why}")
         check_code(hello, registry, wanted)
         return wanted
+    here = [e.name for e in registry.entries() if e.cls.available()[0]]  # probes libraries
     for name in offered:
         if name in here:
             check_code(hello, registry, name)

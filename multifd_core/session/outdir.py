@@ -15,10 +15,14 @@ import json
 import logging
 import os
 import stat
-from typing import IO, Any
+import threading
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
 
 from multifd_core.engine.ram import RamBlock
 from multifd_core.errors import MultiFDError, io_error
+
+T = TypeVar("T")
 
 log = logging.getLogger("multifd.outdir")
 
@@ -271,6 +275,30 @@ class FileOutput:
         self.start()
         self.dir.write(name + PARTIAL, data)
         self.aside.append(name)
+
+    def flush_while(self, work: Callable[[], T]) -> T:
+        """Make the blocks durable in a thread while ``work`` runs here (e.g. hashing them:
+        fdatasync and the hash both release the GIL); ``work``'s result once both are done.
+        ``commit(..., flush=False)`` then skips the flush."""
+        failed: list[BaseException] = []
+
+        def flush() -> None:
+            for _, fname, _, block in self.files:
+                try:
+                    block.flush()
+                except OSError as exc:
+                    failed.append(io_error(exc, self.dir.show(fname + PARTIAL)))
+                    return
+
+        flusher = threading.Thread(target=flush, name="multifd-flush", daemon=True)
+        flusher.start()
+        try:
+            result = work()
+        finally:
+            flusher.join()
+        if failed:
+            raise failed[0]
+        return result
 
     def commit(self, digests: dict[str, str], extra: dict[str, Any] | None = None,
                *, flush: bool = True, algorithm: str = "sha256") -> str:

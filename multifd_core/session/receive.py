@@ -373,7 +373,8 @@ class ReceiveSession:
                         conn.receive_data(head)
                         main = MainChannel(sock, conn, timeout=self.timeout)
                         pending.append(main)
-                        threading.Thread(target=self._handshake, args=(main, done),
+                        threading.Thread(target=self._handshake,
+                                         args=(main, done, gate.wake),
                                          name="multifd-handshake", daemon=True).start()
         finally:
             gate.close()
@@ -384,10 +385,18 @@ class ReceiveSession:
                 except OSError:
                     pass
 
-    def _handshake(self, main: MainChannel,
-                   done: queue.SimpleQueue[tuple[MainChannel, Any]]) -> None:
+    def _handshake(self, main: MainChannel, done: queue.SimpleQueue[tuple[MainChannel, Any]],
+                   wake: Callable[[], None]) -> None:
         """The pre-session phase of one connection: answer its link probe (raw PROBE frames
-        timed from the first to the last, then PROBE_END), until its HELLO."""
+        timed from the first to the last, then PROBE_END), until its HELLO; the outcome goes
+        to ``done`` and ``wake`` tells the accepting loop at once."""
+        try:
+            self._handshake_events(main, done)
+        finally:
+            wake()
+
+    def _handshake_events(self, main: MainChannel,
+                          done: queue.SimpleQueue[tuple[MainChannel, Any]]) -> None:
         deadline = time.monotonic() + self.handshake_timeout
         try:
             total, frames, start, last = 0, 0, 0.0, 0.0

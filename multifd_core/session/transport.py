@@ -247,6 +247,9 @@ class _Pending:
     buf: bytearray = field(default_factory=bytearray)
 
 
+_WAKE = object()
+
+
 class ConnectionGate:
     """Accepts connections and reads each one's first ``prefix_len`` bytes (after a TLS
     handshake when ``tls`` is set) without letting any connection hold up the others.
@@ -273,12 +276,29 @@ class ConnectionGate:
         self._pending: dict[int, _Pending] = {}
         listener.setblocking(False)
         self._sel.register(listener, selectors.EVENT_READ, None)
+        # ``wake`` ends a ``poll`` early (another thread has news for the poller).
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+
+    def wake(self) -> None:
+        """Make the current or next ``poll`` return at once (thread-safe)."""
+        try:
+            self._wake_w.send(b"w")
+        except OSError:  # full (a wake is already pending) or closed
+            pass
 
     def poll(self, timeout: float) -> list[tuple[socket.socket, bytes]]:
         ready: list[tuple[socket.socket, bytes]] = []
         for key, _ in self._sel.select(timeout):
             if key.data is None:
                 self._accept(ready)
+            elif key.data is _WAKE:
+                try:
+                    self._wake_r.recv(64)
+                except OSError:
+                    pass
             else:
                 self._advance(key.data, ready)
         now = time.monotonic()
@@ -300,6 +320,8 @@ class ConnectionGate:
         except (KeyError, ValueError):
             pass
         self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
         try:
             self.listener.settimeout(None)
         except OSError:

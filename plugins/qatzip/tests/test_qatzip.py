@@ -19,6 +19,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hwkit import (
+    LP64,
+    PAGE,
+    assert_engine_down,
+    assert_engine_refused,
+    assert_forced_software,
+    assert_layout,
+    assert_library_missing,
+    assert_loopback_migration,
+    assert_other_library_refused,
+    engine_info,
+    image,
+)
+from pluginkit import import_plugin
 
 from multifd_core.engine.harness import MethodHarness
 from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
@@ -27,25 +41,15 @@ from multifd_core.testing import (
     MethodConformance,
     assert_struct_layout,
     check_struct_layout,
-    in_ci,
     make_pages,
-    mixed_pages,
     require,
-    system_zlib,
 )
 
-try:
-    from multifd_core.methods import native as _native
-    from multifd_qatzip import _ffi, engines, gzipqz
-    from multifd_qatzip.method import Qatzip
-except ImportError:  # pragma: no cover - depends on the environment
-    if in_ci():
-        raise
-    pytest.skip("multifd-qatzip is not installed: pip install -e plugins/qatzip",
-                allow_module_level=True)
+_native, _ffi, engines, gzipqz, Qatzip = import_plugin(
+    "qatzip", "multifd_core.methods.native", "multifd_qatzip._ffi", "multifd_qatzip.engines",
+    "multifd_qatzip.gzipqz", "multifd_qatzip.method:Qatzip")
 
-PAGE = 4096
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 CACHE_LIBS = sorted(glob.glob(str(REPO / ".cache/qatzip/usr/lib/*/libqatzip.so.3")))
 CACHE_HEADER = REPO / ".cache/qatzip/usr/include/qatzip.h"
 
@@ -76,10 +80,6 @@ def need_library() -> None:
 
 def method(engine: str | None = None, level: int | None = None) -> Qatzip:
     return Qatzip(MethodOptions(page_size=PAGE, engine=engine, level=level))
-
-
-def image(n: int, seed: int = 1) -> np.ndarray:
-    return mixed_pages(n, PAGE, np.random.default_rng(seed))
 
 
 def members(payload: bytes) -> list[tuple[bytes, int, int, int]]:
@@ -124,8 +124,7 @@ def test_libqatzip_works_without_a_device_as_in_qemu():
     reported as software-kind with the reason, and runs on request only (the default is ours:
     libqatzip without a device prints a line on every call)."""
     need_library()
-    info = {e.name: e for e in Qatzip.engines()}
-    lib = info["libqatzip"]
+    lib = engine_info(Qatzip)["libqatzip"]
     assert lib.available and lib.library and lib.library_version and lib.path == "native"
     if engines.devices():
         assert method().engine == "libqatzip"
@@ -360,33 +359,21 @@ def test_wrong_size_and_oversized_packets():
 # ---------------------------------------------------------------- engine choice
 
 def test_forced_software_by_environment(monkeypatch):
-    monkeypatch.setenv(engines.ENV_ENGINE, "software")
-    assert method().engine == "software"
-    info = {e.name: e for e in Qatzip.engines()}
+    down = ["libqatzip"] if library_loads() else []
+    info = assert_forced_software(monkeypatch, engines, Qatzip, method, *down)
     assert info["software"].available and "forced" in info["software"].reason
-    if library_loads():
-        assert not info["libqatzip"].available and "forced" in info["libqatzip"].reason
 
 
 def test_library_missing(monkeypatch, tmp_path):
-    missing = tmp_path / "libqatzip.so.3"
-    monkeypatch.setenv(_ffi.SPEC.env, str(missing))
-    with pytest.raises(LibraryNotFoundError) as err:
-        _ffi.load()
-    text = str(err.value)
-    assert str(missing) in text and "MULTIFD_QATZIP_LIBRARY" in text
-    assert "apt-get install libqatzip3" in text
-    info = {e.name: e for e in Qatzip.engines()}
-    assert not info["libqatzip"].available and str(missing) in info["libqatzip"].reason
+    missing = assert_library_missing(monkeypatch, tmp_path, _ffi, "libqatzip.so.3",
+                                     "MULTIFD_QATZIP_LIBRARY", "apt-get install libqatzip3")
+    assert_engine_down(Qatzip, "libqatzip", str(missing))
     assert method().engine == "software"
-    with pytest.raises(MultiFDError, match="not available"):
-        method("libqatzip")
+    assert_engine_refused(method, "libqatzip")
 
 
 def test_library_that_is_not_qatzip(monkeypatch):
-    monkeypatch.setenv(_ffi.SPEC.env, system_zlib())
-    with pytest.raises(LibraryNotFoundError, match="no symbol qzInit"):
-        _ffi.load()
+    assert_other_library_refused(monkeypatch, _ffi, "qzInit")
 
 
 def test_system_search_reports_where_it_looked(monkeypatch):
@@ -416,29 +403,17 @@ def test_cli_lists_the_engines():
 
 # sizeof/offsetof of QATzip 1.3.1's qatzip.h structs, x86-64 LP64 (gcc 12 on that header).
 HEADER_LAYOUT = {
-    "QzSession_T": 40, "QzSession_T.internal": 16, "QzSession_T.total_out": 32,
-    "QzSessionParamsCommon_T": 48, "QzSessionParamsCommon_T.comp_lvl": 4,
-    "QzSessionParamsCommon_T.sw_backup": 16, "QzSessionParamsCommon_T.hw_buff_sz": 20,
-    "QzSessionParamsCommon_T.polling_mode": 40,
-    "QzSessionParamsCommon_T.is_sensitive_mode": 44,
-    "QzSessionParamsDeflate_T": 56, "QzSessionParamsDeflate_T.huffman_hdr": 48,
-    "QzSessionParamsDeflate_T.data_fmt": 52,
-    "QzStatus_T": 544, "QzStatus_T.memory_alloced": 8, "QzStatus_T.hw_session_status": 24,
-    "QzStatus_T.algo_hw": 287,
+    "QzSession_T": (40, {"internal": 16, "total_out": 32}),
+    "QzSessionParamsCommon_T": (48, {"comp_lvl": 4, "sw_backup": 16, "hw_buff_sz": 20,
+                                     "polling_mode": 40, "is_sensitive_mode": 44}),
+    "QzSessionParamsDeflate_T": (56, {"huffman_hdr": 48, "data_fmt": 52}),
+    "QzStatus_T": (544, {"memory_alloced": 8, "hw_session_status": 24, "algo_hw": 287}),
 }
 
 
-def cffi_layout(ffi, key: str) -> int:
-    if "." in key:
-        struct_name, field = key.split(".", 1)
-        return ffi.offsetof(struct_name, field)
-    return ffi.sizeof(key)
-
-
-@pytest.mark.skipif(sys.maxsize <= 2**32 or sys.platform != "linux", reason="LP64 Linux layout")
+@LP64
 def test_declarations_match_the_header_layout():
-    for key, expected in HEADER_LAYOUT.items():
-        assert cffi_layout(_ffi.ffi, key) == expected, key
+    assert_layout(_ffi.ffi, HEADER_LAYOUT)
 
 
 def installed_header() -> str:
@@ -478,14 +453,7 @@ def test_layout_helper_names_a_wrong_declaration():
 
 @pytest.mark.parametrize("engine", ["software", "libqatzip"])
 def test_loopback_migration_per_engine(engine):
-    loopback = pytest.importorskip("multifd_core.loopback")
-    from multifd_core.engine.ram import RamBlock
-
     if engine == "libqatzip":
         need_library()
-    block = RamBlock.zeros("pc.ram", 300 * PAGE)
-    block.array[:] = image(300, 21).reshape(-1)
-    dest, stats = loopback.migrate([block], method="qatzip", channels=2, engine=engine,
-                                   level=3)
-    assert np.array_equal(dest[0].array, block.array)
+    stats = assert_loopback_migration("qatzip", seed=21, engine=engine, level=3)
     assert stats.normal_pages > 0

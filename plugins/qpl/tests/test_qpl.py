@@ -9,37 +9,22 @@ untested.
 
 from __future__ import annotations
 
-import sys
 import zlib
 
+import hwkit
 import numpy as np
 import pytest
-from layoutkit import check_optional_header
+from hwkit import LP64, PAGE, HardwareEngineChecks, image, payload_of, split
+from pluginkit import import_plugin
 
 from multifd_core.engine.harness import MethodHarness
-from multifd_core.errors import LibraryNotFoundError, MethodError, MultiFDError
+from multifd_core.errors import LibraryNotFoundError, MethodError
 from multifd_core.methods.method import MethodOptions
-from multifd_core.testing import (
-    MethodConformance,
-    in_ci,
-    make_pages,
-    mixed_pages,
-    require,
-    system_zlib,
-)
+from multifd_core.testing import MethodConformance, make_pages, mixed_pages, require
 
-try:
-    import multifd_pagecodec as pagecodec
-    from multifd_core.methods import perpage
-    from multifd_qpl import _ffi, engines, software
-    from multifd_qpl.method import Qpl
-except ImportError:  # pragma: no cover - depends on the environment
-    if in_ci():
-        raise
-    pytest.skip("multifd-qpl is not installed: pip install -e plugins/qpl",
-                allow_module_level=True)
-
-PAGE = 4096
+pagecodec, perpage, _ffi, engines, software, Qpl = import_plugin(
+    "qpl", "multifd_pagecodec", "multifd_core.methods.perpage", "multifd_qpl._ffi",
+    "multifd_qpl.engines", "multifd_qpl.software", "multifd_qpl.method:Qpl")
 
 
 def method(engine: str | None = None, native: bool = True, backend: str | None = None,
@@ -53,25 +38,6 @@ def need_both_paths(backend: str) -> None:
     require(pagecodec.why_not(backend) is None, f"qpl {backend}: {pagecodec.why_not(backend)}")
     if backend == "isal":
         require(software._isal is not None, "the isal package is not installed: pip install isal")
-
-
-def image(n: int, seed: int = 1) -> np.ndarray:
-    return mixed_pages(n, PAGE, np.random.default_rng(seed))
-
-
-def split(payload: bytes, n: int) -> list[bytes]:
-    lens = np.frombuffer(payload[:4 * n], dtype=">u4").tolist()
-    out, pos = [], 4 * n
-    for ln in lens:
-        out.append(payload[pos:pos + ln])
-        pos += ln
-    assert pos == len(payload)
-    return out
-
-
-def payload_of(blobs: list[bytes], lens: list[int] | None = None) -> bytes:
-    lens = [len(b) for b in blobs] if lens is None else lens
-    return np.asarray(lens, dtype=">u4").tobytes() + b"".join(blobs)
 
 
 class TestQplConformance(MethodConformance):
@@ -150,26 +116,15 @@ def test_qemu_style_payload_decodes():
 # ---------------------------------------------------------------- bad input
 
 def bad(payload: bytes, n: int, match: str) -> MethodError:
-    with MethodHarness(method("software")) as h, pytest.raises(MethodError, match=match) as e:
-        h.decode(payload, n)
-    return e.value
+    return hwkit.refused(method("software"), payload, n, match)
 
 
 def test_length_array_is_checked_before_anything_else():
     pages = image(4, 7)
     with MethodHarness(method("software")) as h:
         good = h.encode(pages)
-    blobs = split(good, 4)
-    lens = [len(b) for b in blobs]
-    e = bad(good[:16], 4, "cannot hold the length array")
-    assert e.field == "next_packet_size" and e.received == 16
-    e = bad(payload_of(blobs, [PAGE + 1] + lens[1:]), 4, "blob length 4097")
-    assert (e.field, e.received) == ("len[0]", PAGE + 1)
-    e = bad(payload_of(blobs, lens[:3] + [0]), 4, "blob length 0")
-    assert e.field == "len[3]"
-    e = bad(payload_of(blobs, lens[:3] + [lens[3] - 1]), 4, "add up")
-    assert e.expected == len(good) - 1
-    e = bad(payload_of(blobs, [0xFFFFFFFF] * 4), 4, "blob length 4294967295")
+    blobs = hwkit.assert_length_array_checked(bad, good, 4)
+    bad(payload_of(blobs, [0xFFFFFFFF] * 4), 4, "blob length 4294967295")
     bad(good, 5, "cannot hold|add up|blob length")  # 4 pages read as 5
 
 
@@ -188,9 +143,7 @@ def test_corrupt_blob_and_wrong_size_blob_are_refused():
 
 def test_bomb_is_bounded_to_one_page():
     bomb = zlib.compress(bytes(3 << 20), 9, -15)  # 3 MiB of zeros in about 3 KiB
-    assert len(bomb) < PAGE
-    e = bad(payload_of([bomb]), 1, "qpl decompressed len")
-    assert e.received == PAGE + 1  # stopped one byte past the page, never further
+    hwkit.assert_bomb_bounded(bad, bomb, "qpl decompressed len")
 
 
 def test_decode_never_writes_past_the_page():
@@ -204,34 +157,12 @@ def test_decode_never_writes_past_the_page():
 
 # ---------------------------------------------------------------- engine choice, library
 
-def test_iaa_unavailable_here_and_software_chosen():
-    info = {e.name: e for e in Qpl.engines()}
-    assert set(info) == {"iaa", "software"} and info["iaa"].kind == "hardware"
-    if not info["iaa"].available:
-        assert info["iaa"].reason
-        assert method().engine == "software"
-        with pytest.raises(MultiFDError, match="not available"):
-            method("iaa")
+class TestQplEngines(HardwareEngineChecks):
+    """The IAA engine and the software one; libqpl missing, wrong, or found on the system."""
 
-
-def test_forced_software(monkeypatch):
-    monkeypatch.setenv(engines.ENV_ENGINE, "software")
-    info = {e.name: e for e in Qpl.engines()}
-    assert not info["iaa"].available and "forced" in info["iaa"].reason
-    assert method().engine == "software"
-
-
-def test_library_missing(monkeypatch, tmp_path):
-    missing = tmp_path / "libqpl.so.1"
-    monkeypatch.setenv(_ffi.SPEC.env, str(missing))
-    with pytest.raises(LibraryNotFoundError) as err:
-        _ffi.load()
-    text = str(err.value)
-    assert "MULTIFD_QPL_LIBRARY" in text and str(missing) in text and "intel/qpl" in text
-    info = {e.name: e for e in Qpl.engines()}
-    assert not info["iaa"].available and "no library" in info["iaa"].reason
-    with pytest.raises(MultiFDError, match="not available"):
-        method("iaa")
+    method_cls, hardware, ffi, engines = Qpl, "iaa", _ffi, engines
+    library = ("libqpl.so.1", "MULTIFD_QPL_LIBRARY", "intel/qpl")
+    foreign_symbol, header = "qpl_get_job_size", ("MULTIFD_QPL_HEADER", "/usr/include/qpl/qpl.h")
 
 
 def test_library_not_set_searches_the_system(monkeypatch):
@@ -242,40 +173,24 @@ def test_library_not_set_searches_the_system(monkeypatch):
         assert "libqpl.so.1" in str(err) and "find_library('qpl')" in str(err)
 
 
-def test_library_that_is_not_qpl(monkeypatch):
-    monkeypatch.setenv(_ffi.SPEC.env, system_zlib())
-    with pytest.raises(LibraryNotFoundError, match="no symbol qpl_get_job_size"):
-        _ffi.load()
-    assert method().engine == "software"
-
-
 # ---------------------------------------------------------------- the binding's ABI
 
 # Layout of intel/qpl c_api/job.h (QPL 1.x) on x86-64 LP64, as gcc 12 lays it out.
 JOB_LAYOUT = {
-    "qpl_job": 240, "qpl_job.next_in_ptr": 0, "qpl_job.available_in": 8,
-    "qpl_job.total_in": 12, "qpl_job.next_out_ptr": 16, "qpl_job.available_out": 24,
-    "qpl_job.total_out": 28, "qpl_job.op": 32, "qpl_job.flags": 36, "qpl_job.level": 52,
-    "qpl_job.huffman_table": 64, "qpl_job.dictionary": 72, "qpl_job.idx_array": 88,
-    "qpl_job.decomp_end_processing": 104, "qpl_job.crc64_poly": 112,
-    "qpl_job.next_src2_ptr": 128, "qpl_job.out_bit_width": 152, "qpl_job.parser": 172,
-    "qpl_job.numa_id": 188, "qpl_job.data_ptr": 192, "struct qpl_aux_data": 48,
-    "struct qpl_aux_data.path": 40,
+    "qpl_job": (240, {
+        "next_in_ptr": 0, "available_in": 8, "total_in": 12, "next_out_ptr": 16,
+        "available_out": 24, "total_out": 28, "op": 32, "flags": 36, "level": 52,
+        "huffman_table": 64, "dictionary": 72, "idx_array": 88, "decomp_end_processing": 104,
+        "crc64_poly": 112, "next_src2_ptr": 128, "out_bit_width": 152, "parser": 172,
+        "numa_id": 188, "data_ptr": 192}),
+    "struct qpl_aux_data": (48, {"path": 40}),
 }
 
 
-def test_declarations_match_an_installed_header():
-    """Where a qpl header exists, probe it (skips here and in CI: Debian 12 and 13 do not
-    package it; the layout above was checked once against the upstream header, see ``_ffi``)."""
-    check_optional_header(_ffi.ffi, "MULTIFD_QPL_HEADER", "/usr/include/qpl/qpl.h", "qpl")
-
-
-@pytest.mark.skipif(sys.maxsize <= 2**32 or sys.platform != "linux", reason="LP64 layout")
+@LP64
 def test_declarations_match_the_header_layout():
     ffi = _ffi.ffi
-    for key, expected in JOB_LAYOUT.items():
-        got = ffi.offsetof(*key.split(".", 1)) if "." in key else ffi.sizeof(key)
-        assert got == expected, key
+    hwkit.assert_layout(ffi, JOB_LAYOUT)
     assert ffi.sizeof("qpl_status") == ffi.sizeof("qpl_path_t") == 4
     assert (_ffi.QPL_FLAG_FIRST, _ffi.QPL_FLAG_LAST, _ffi.QPL_FLAG_OMIT_VERIFY) == \
         (0x1, 0x2, 0x4000)
@@ -300,13 +215,7 @@ def test_hardware_path_is_exercised_only_with_a_device():
 
 
 def test_loopback_migration_software():
-    loopback = pytest.importorskip("multifd_core.loopback")
-    from multifd_core.engine.ram import RamBlock
-
-    block = RamBlock.zeros("pc.ram", 300 * PAGE)
-    block.array[:] = image(300, 10).reshape(-1)
-    dest, _ = loopback.migrate([block], method="qpl", channels=2, engine="software")
-    assert np.array_equal(dest[0].array, block.array)
+    hwkit.assert_loopback_migration("qpl", seed=10)
 
 
 # ---------------------------------------------------------------- the C helper
@@ -316,8 +225,7 @@ def test_native_helper_is_in_use():
     backend = software.default_backend()
     require(pagecodec.why_not(backend) is None,
             f"the qpl software engine runs its Python per-page loop: {pagecodec.why_not(backend)}")
-    sw = {e.name: e for e in Qpl.engines()}["software"]
-    assert "native per packet" in sw.library_version and "native per-packet helper" in sw.reason
+    hwkit.assert_native_helper_reported(Qpl)
     assert engines.create("software", PAGE, 0, 128).native is not None
     assert engines.create("software", PAGE, 0, 128, native=False).native is None
 
@@ -336,17 +244,8 @@ def test_native_payload_matches_the_python_loop(backend, page_size):
                             make_pages("random", 10, page_size, rng)])
     pages = pages[rng.permutation(len(pages))]
     native, python = (method("software", n, backend, page_size) for n in (True, False))
-    with MethodHarness(native) as a, MethodHarness(python) as b:
-        for start in (0, 128, 250 - 3):
-            chunk = pages[start:start + 128]
-            payload, reference = bytes(a.encode(chunk)), bytes(b.encode(chunk))
-            if backend == "zlib":
-                assert payload == reference, (backend, page_size, start)
-            else:
-                assert abs(len(payload) - len(reference)) <= len(reference) // 1000
-                assert np.array_equal(a.decode(reference, len(chunk)), chunk)
-            assert np.array_equal(b.decode(payload, len(chunk)), chunk)
-            assert np.array_equal(a.decode(payload, len(chunk)), chunk)
+    hwkit.assert_paths_agree(native, python, pages, (0, 128, 250 - 3), (backend, page_size),
+                       identical=backend == "zlib")
 
 
 def refusals() -> list[tuple[str, bytes, int]]:
@@ -374,16 +273,10 @@ def refusals() -> list[tuple[str, bytes, int]]:
 @pytest.mark.parametrize("backend", ["isal", "zlib"])
 def test_native_and_python_loop_refuse_alike(backend):
     need_both_paths(backend)
-    for name, payload, n in refusals():
-        outcomes = []
-        for native in (True, False):
-            with MethodHarness(method("software", native, backend)) as h:
-                try:
-                    outcomes.append(h.decode(payload, n).tobytes())
-                except MethodError as e:
-                    outcomes.append((str(e), e.field, e.received, e.expected))
-        assert outcomes[0] == outcomes[1], (backend, name)
+    found = hwkit.refusals_alike(lambda native: method("software", native, backend), refusals(),
+                           (backend,))
+    for name, outcome in found.items():
         # Raw DEFLATE has no checksum: a flip may still decode to a page; trailing bytes
         # after a stream's end are ignored, as by the Python decoder.
         if name not in ("flipped", "trailing bytes after a good stream"):
-            assert isinstance(outcomes[0], tuple), (backend, name)
+            assert isinstance(outcome, tuple), (backend, name)

@@ -1,8 +1,0 @@
-"""The shared test kits (netkit, bombkit) import from anywhere under tests/."""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
