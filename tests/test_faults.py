@@ -252,23 +252,32 @@ def _finish(proc: subprocess.Popen[str], timeout: float = BOUND) -> tuple[int, s
     return proc.returncode, err
 
 
+def _kill_during_round_1(victim: subprocess.Popen[str], survivor: subprocess.Popen[str], *,
+                         sender: subprocess.Popen[str] | None = None, settle: float = 0.0,
+                         bound: float = BOUND) -> tuple[int, str]:
+    """Once the sender logs round 1, SIGKILL ``victim``: the survivor's exit code and stderr,
+    which must come within ``bound`` seconds. Both processes are reaped."""
+    try:
+        _wait_line(sender or victim, "round 1")
+        time.sleep(settle)
+        victim.send_signal(signal.SIGKILL)
+        t = time.monotonic()
+        rc, err = _finish(survivor)
+        assert time.monotonic() - t < bound
+    finally:
+        for p in (victim, survivor):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    return rc, err
+
+
 def test_sender_killed_with_sigkill(tmp_path: Path) -> None:
     addr = f"tcp:127.0.0.1:{free_port()}"
     out = tmp_path / "out"
     recv = _recv(addr, out)
     send = _pausing_sender(addr, pause=60)
-    try:
-        _wait_line(send, "round 1")
-        time.sleep(0.2)
-        send.send_signal(signal.SIGKILL)
-        t = time.monotonic()
-        rc, err = _finish(recv)
-        assert time.monotonic() - t < BOUND
-    finally:
-        for p in (send, recv):
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+    rc, err = _kill_during_round_1(send, recv, settle=0.2)
     assert rc == 1
     one_line_error(err)
     # The main channel's EOF, or (on a loaded machine) an idle channel's own timeout first.
@@ -282,17 +291,7 @@ def test_receiver_killed_with_sigkill(tmp_path: Path) -> None:
     out = tmp_path / "out"
     recv = _recv(addr, out, "--keep-partial")
     send = _pausing_sender(addr, pause=1.0)
-    try:
-        _wait_line(send, "round 1")
-        recv.send_signal(signal.SIGKILL)
-        t = time.monotonic()
-        rc, err = _finish(send)
-        assert time.monotonic() - t < BOUND + 1
-    finally:
-        for p in (send, recv):
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+    rc, err = _kill_during_round_1(recv, send, sender=send, bound=BOUND + 1)
     assert rc == 1
     one_line_error(err)
     assert any(w in err for w in ("send failed", "closed by the peer", "receive failed")), err
