@@ -11,7 +11,12 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from multifd_core.engine.ram import RamBlock
+
+T = TypeVar("T")
 
 _SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -74,3 +79,27 @@ class Writeback:
             pass  # the final fdatasync reports it
         finally:
             self._close()
+
+
+def flush_beside(blocks: Sequence[RamBlock], work: Callable[[], T]) -> tuple[T, list[
+        tuple[RamBlock, OSError]]]:
+    """Make ``blocks`` durable on a thread while ``work`` runs here (hashing them, say: the
+    flush and the hash both release the GIL). ``work``'s result, and the blocks whose flush
+    failed with the error (the flush stops at the first)."""
+    failed: list[tuple[RamBlock, OSError]] = []
+
+    def flush() -> None:
+        for block in blocks:
+            try:
+                block.flush()
+            except OSError as exc:
+                failed.append((block, exc))
+                return
+
+    flusher = threading.Thread(target=flush, name="multifd-flush", daemon=True)
+    flusher.start()
+    try:
+        result = work()
+    finally:
+        flusher.join()
+    return result, failed

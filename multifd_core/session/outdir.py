@@ -15,11 +15,11 @@ import json
 import logging
 import os
 import stat
-import threading
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
 from multifd_core.engine.ram import RamBlock
+from multifd_core.engine.writeback import flush_beside
 from multifd_core.errors import MultiFDError, io_error
 
 T = TypeVar("T")
@@ -277,27 +277,14 @@ class FileOutput:
         self.aside.append(name)
 
     def flush_while(self, work: Callable[[], T]) -> T:
-        """Make the blocks durable in a thread while ``work`` runs here (e.g. hashing them:
-        fdatasync and the hash both release the GIL); ``work``'s result once both are done.
-        ``commit(..., flush=False)`` then skips the flush."""
-        failed: list[BaseException] = []
-
-        def flush() -> None:
-            for _, fname, _, block in self.files:
-                try:
-                    block.flush()
-                except OSError as exc:
-                    failed.append(io_error(exc, self.dir.show(fname + PARTIAL)))
-                    return
-
-        flusher = threading.Thread(target=flush, name="multifd-flush", daemon=True)
-        flusher.start()
-        try:
-            result = work()
-        finally:
-            flusher.join()
+        """Make the blocks durable in a thread while ``work`` runs here (``flush_beside``);
+        ``work``'s result once both are done. ``commit(..., flush=False)`` then skips the
+        flush."""
+        names = {id(block): fname for _, fname, _, block in self.files}
+        result, failed = flush_beside([f[3] for f in self.files], work)
         if failed:
-            raise failed[0]
+            block, exc = failed[0]
+            raise io_error(exc, self.dir.show(names[id(block)] + PARTIAL))
         return result
 
     def commit(self, digests: dict[str, str], extra: dict[str, Any] | None = None,

@@ -20,7 +20,7 @@ from typing import Any
 
 from multifd_core.engine.ram import RamBlock
 from multifd_core.engine.receiver import Receiver
-from multifd_core.engine.writeback import Writeback
+from multifd_core.engine.writeback import Writeback, flush_beside
 from multifd_core.errors import (
     IntegrityError,
     MultiFDError,
@@ -96,12 +96,9 @@ class _Digests(threading.Thread):
                 self.writeback.stop()
             transfer = time.perf_counter() - self.started
             self.phases.enter("syncing")
-            # Write file-backed blocks to disk while hashing them (fsync runs without the GIL).
-            sync = threading.Thread(target=lambda: [b.flush() for b in self.blocks],
-                                    name="multifd-sync", daemon=True)
-            sync.start()
-            ours = digests(self.blocks, self.algorithm)
-            sync.join()
+            # Write file-backed blocks to disk while hashing them; a failed flush is reported
+            # by the output's commit, which flushes again and names the file.
+            ours, _ = flush_beside(self.blocks, lambda: digests(self.blocks, self.algorithm))
             self._out = (stats, transfer, ours)
         except BaseException as exc:
             self._error = exc
