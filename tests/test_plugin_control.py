@@ -261,3 +261,45 @@ def test_third_party_code_policy() -> None:
     for bad in (0x01, 0x40, 0x07, 0x100, -2, True, "0x06"):
         with pytest.raises(PluginError, match="code"):
             check_method_class(make(bad))
+
+
+def test_a_lazy_registry_imports_only_the_plugin_a_session_names(site: Site) -> None:
+    broken = site.dist("multifd-broken", "broken", "raise ImportError('libbroken.so.3')\n")
+    other = site.method("multifd-beta", "beta", "beta", 0x0C)
+    site.method("multifd-alpha", "alpha", "alpha", 0x0A)
+    registry = MethodRegistry(only=["alpha", "beta", "broken"], lazy=True)
+    assert registry.get("alpha").distribution == "multifd-alpha"
+    assert "alpha" in registry and "none" in registry
+    assert broken not in sys.modules and other not in sys.modules
+    # Listing imports the rest, and only then is the broken one known.
+    assert registry.names() == ["none", "alpha", "beta"]
+    assert set(failed(registry)) == {"broken"}
+
+
+def test_a_lazy_registry_finds_a_method_its_entry_point_is_not_named_after(site: Site) -> None:
+    site.method("multifd-gamma", "gamma-plugin", "gamma", 0x0E)
+    registry = MethodRegistry(only=["gamma-plugin"], lazy=True)
+    assert registry.get("gamma").plugin == "gamma-plugin"
+    with pytest.raises(UnknownMethodError, match="unknown method 'delta'; installed: none, "
+                                                 "gamma"):
+        registry.get("delta")
+
+
+def test_strict_mode_loads_every_plugin_even_when_lazy(site: Site) -> None:
+    site.dist("multifd-broken", "broken", "raise RuntimeError('boom')\n")
+    with pytest.raises(PluginError, match="plugin broken"):
+        MethodRegistry(only=["broken"], lazy=True, strict=True)
+
+
+def test_a_send_that_names_its_method_imports_no_other_plugin(tmp_path: Path) -> None:
+    """The installed plugins, in a fresh interpreter: naming zstd imports zstd's plugin only."""
+    import subprocess
+
+    probe = ("import sys\n"
+             "from multifd_core.methods.registry import default_registry\n"
+             "r = default_registry(); r.get('zstd')\n"
+             "print(sorted(m for m in sys.modules if m.startswith('multifd_') "
+             "and m.count('.') == 0))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path).stdout
+    assert out.strip() == "['multifd_core', 'multifd_zstd']"

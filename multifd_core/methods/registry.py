@@ -7,6 +7,12 @@ never breaks the host (unless strict mode asks for an error). Environment:
 ``MULTIFD_PLUGINS``         comma-separated entry-point names to load; empty: load none;
                             ``-name`` entries skip a plugin and load the others.
 ``MULTIFD_STRICT_PLUGINS``  ``1``: a plugin that fails to load is an error.
+
+A lazy registry (the process-wide one) imports a plugin only when it is needed: asked for a
+method by name, it imports the entry point of that name first, and every other entry point only
+if that does not provide the method; listing the methods (``names``, ``entries``, ``failed``)
+imports them all. A session that names its method thus loads that one plugin, not every
+installed library's bindings.
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ class MethodRegistry:
     """Methods by name and by flag code."""
 
     def __init__(self, *, entry_points: bool = True, strict: bool | None = None,
-                 only: Iterable[str] | None = None) -> None:
+                 only: Iterable[str] | None = None, lazy: bool = False) -> None:
         if strict is None:
             strict = os.environ.get("MULTIFD_STRICT_PLUGINS", "") not in ("", "0")
         skip: set[str] = set()
@@ -92,7 +98,9 @@ class MethodRegistry:
         self.strict = strict
         self._only = None if only is None else set(only)
         self._methods: dict[str, MethodEntry] = {}
-        self.failed: list[FailedPlugin] = []
+        self._failed: list[FailedPlugin] = []
+        #: Entry points not imported yet (lazy mode), by name.
+        self._pending: dict[str, list[metadata.EntryPoint]] = {}
         #: Installed entry points that MULTIFD_PLUGINS left out: name -> distribution.
         self.excluded: dict[str, str] = {}
         self._pm = pluggy.PluginManager(PROJECT)
@@ -105,19 +113,44 @@ class MethodRegistry:
                     if by_env:
                         self.excluded[ep.name] = ep.dist.name if ep.dist is not None else "?"
                     continue
-                self._load_entry_point(ep)
+                self._pending.setdefault(ep.name, []).append(ep)
             if self.excluded:
                 log.info("MULTIFD_PLUGINS excludes the installed plugin(s) %s",
                          ", ".join(sorted(self.excluded)))
             for missing in sorted((self._only or set()) - {ep.name for ep in eps} - {"none"}):
-                self.failed.append(FailedPlugin(
+                self._failed.append(FailedPlugin(
                     missing, "?", f"selected by MULTIFD_PLUGINS but no installed distribution "
                     f"has a {ENTRY_POINT_GROUP} entry point named {missing!r}"))
-        if self.strict and self.failed:
+        if not lazy or self.strict:
+            self.load_all()
+        if self.strict and self._failed:
             raise PluginError("; ".join(f"plugin {f.plugin} ({f.distribution}) failed: {f.error}"
-                                        for f in self.failed))
+                                        for f in self._failed))
 
     # ------------------------------------------------------------------ loading
+
+    @property
+    def failed(self) -> list[FailedPlugin]:
+        """Plugins that failed to load (every installed one is tried first)."""
+        self.load_all()
+        return self._failed
+
+    def load_all(self) -> None:
+        """Import every entry point not imported yet."""
+        while self._pending:
+            self._load_pending(next(iter(self._pending)))
+
+    def _load_pending(self, name: str) -> None:
+        for ep in self._pending.pop(name, []):
+            self._load_entry_point(ep)
+
+    def _ensure(self, name: str) -> None:
+        """Import what may provide method ``name``: its namesake entry point, else all."""
+        if name in self._methods or not self._pending:
+            return
+        self._load_pending(name)
+        if name not in self._methods:
+            self.load_all()
 
     def _load_entry_point(self, ep: metadata.EntryPoint) -> None:
         dist = ep.dist.name if ep.dist is not None else "?"
@@ -125,7 +158,7 @@ class MethodRegistry:
         try:
             module = ep.load()
         except Exception as exc:  # a broken plugin must not break the host
-            self.failed.append(FailedPlugin(ep.name, dist, f"import failed: {exc!r}"))
+            self._failed.append(FailedPlugin(ep.name, dist, f"import failed: {exc!r}"))
             log.info("plugin %s (%s) failed to import:\n%s", ep.name, dist,
                      "".join(traceback.format_exception(exc)).rstrip())
             return
@@ -147,7 +180,7 @@ class MethodRegistry:
             if not found:
                 raise PluginError("it registered no method")
         except Exception as exc:
-            self.failed.append(FailedPlugin(plugin, dist, f"registration failed: {exc}"))
+            self._failed.append(FailedPlugin(plugin, dist, f"registration failed: {exc}"))
             log.info("plugin %s (%s) failed to register:\n%s", plugin, dist,
                      "".join(traceback.format_exception(exc)).rstrip())
             return
@@ -155,7 +188,7 @@ class MethodRegistry:
             try:
                 self.add(cls, plugin=plugin, distribution=dist, version=version)
             except PluginError as exc:
-                self.failed.append(FailedPlugin(plugin, dist, str(exc)))
+                self._failed.append(FailedPlugin(plugin, dist, str(exc)))
 
     def add(self, cls: type, *, plugin: str = "local", distribution: str = "local",
             version: str = "0") -> MethodEntry:
@@ -169,7 +202,7 @@ class MethodRegistry:
             if other.name == name:
                 # As for a shared code: neither can be trusted to own the name.
                 del self._methods[name]
-                self.failed.append(FailedPlugin(
+                self._failed.append(FailedPlugin(
                     other.plugin, other.distribution,
                     f"method name {name!r} claimed by both {other.distribution} and "
                     f"{distribution}; both refused"))
@@ -178,7 +211,7 @@ class MethodRegistry:
             if other.code == code:
                 # Neither can be trusted to own the code: refuse both.
                 del self._methods[other.name]
-                self.failed.append(FailedPlugin(
+                self._failed.append(FailedPlugin(
                     other.plugin, other.distribution,
                     f"flag code {code:#04x} claimed by both {other.name!r} ({other.distribution})"
                     f" and {name!r} ({distribution}); both refused"))
@@ -192,15 +225,19 @@ class MethodRegistry:
     # ------------------------------------------------------------------ lookup
 
     def names(self) -> list[str]:
+        self.load_all()
         return sorted(self._methods, key=lambda n: (self._methods[n].code, n))
 
     def entries(self) -> list[MethodEntry]:
         return [self._methods[n] for n in self.names()]
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, str):
+            self._ensure(name)
         return name in self._methods
 
     def get(self, name: str) -> MethodEntry:
+        self._ensure(name)
         try:
             return self._methods[name]
         except KeyError:
@@ -212,7 +249,7 @@ class MethodRegistry:
 
     def unknown_message(self, name: str) -> str:
         text = f"unknown method {name!r}; installed: {', '.join(self.names())}"
-        failed = [f for f in self.failed if f.plugin == name]
+        failed = [f for f in self.failed if f.plugin == name]  # names() loaded them all
         if name in self.excluded:
             text += (f"; {name!r} ({self.excluded[name]}) is installed but excluded by "
                      f"MULTIFD_PLUGINS={os.environ.get('MULTIFD_PLUGINS', '')!r}")
@@ -287,8 +324,8 @@ _default: MethodRegistry | None = None
 
 
 def default_registry() -> MethodRegistry:
-    """The process-wide registry (loaded once)."""
+    """The process-wide registry: lazy, each plugin imported when first needed."""
     global _default
     if _default is None:
-        _default = MethodRegistry()
+        _default = MethodRegistry(lazy=True)
     return _default

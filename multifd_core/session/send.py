@@ -142,11 +142,12 @@ def send_session(
         method = None
         if level is not None or engine is not None:
             raise MultiFDError("--compression auto picks the level and engine itself")
-    candidates = registry.entries()
     if method is not None:
         entry = registry.get(method)  # unknown method: error with the install hint
         entry.cls(MethodOptions(page_size=page_size, level=level, engine=engine))  # level
-        candidates = [entry]  # the others' availability (library probes) is not asked
+        candidates = [entry]  # the others are neither imported nor probed
+    else:
+        candidates = registry.entries()
     offers = [Offer(e.name, e.code, e.version) for e in candidates if e.cls.available()[0]]
     session_uuid = uuidlib.uuid4().bytes
     started = time.perf_counter()
