@@ -40,7 +40,7 @@ class Writeback:
     on duplicates of the descriptors, closed by the thread itself, so the caller may close its
     own at once."""
 
-    def __init__(self, fds: Sequence[int], *, interval: float = 0.25) -> None:
+    def __init__(self, fds: Sequence[int], *, interval: float = 0.05) -> None:
         self.fds = [os.dup(fd) for fd in dict.fromkeys(fds)]
         self.interval = interval
         self._stop = threading.Event()
