@@ -9,7 +9,16 @@ by QEMU's loader device. For each method and channel count:
   as a user runs it), and the capture's wall: from ``migrate`` until the process exits,
   verified and durable;
 * replay->QEMU: ``multifd qemu replay``'s wall from its start until the destination reports
-  ``completed`` (digests checked while sending).
+  ``completed`` (digests checked while sending);
+* native: the captured ``pc.ram`` sent with ``multifd send`` to ``multifd recv`` (separate
+  processes), wall from send's start until both exited, verified and durable;
+* the durable-write limit: the captured ``pc.ram``'s non-zero pages pwritten into a new file
+  and fdatasync'ed.
+
+Each cell runs ``--repeat`` interleaved trials (QEMU->QEMU, capture, replay, native, durable
+limit, in that order each time); the table gives medians, and each ratio is the median of the
+trials' ratios: capture and native walls against the larger of QEMU->QEMU and the durable
+limit, replay against QEMU->QEMU (target <= 1.3 each).
 
 Mapped-ram files (``--mapped-ram``, and ``multifd bench --qemu``), N channels / threads:
 
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_wall import durable_limit
+from benchmarks.bench_wall import native as native_run
 from multifd_core.engine.ram import RamBlock
 from multifd_core.image import write_mixed_image
 from multifd_core.methods.registry import default_registry
@@ -141,6 +153,45 @@ class Bench:
             dst.stop()
 
 
+    def native(self, capdir: Path, method: str, channels: int) -> dict[str, Any]:
+        """The captured guest RAM sent with ``multifd send`` -> ``multifd recv``."""
+        row = native_run(str(_largest_block(capdir)), method, channels, str(self.workdir))
+        return {"total_ms": round(row["wall_s"] * 1000),
+                "transfer_ms": round(row["transfer_s"] * 1000),
+                "recv_phases": row["recv"]["phases"], "send_phases": row["send"]["phases"]}
+
+    def durable(self, capdir: Path) -> dict[str, Any]:
+        """The durable-write limit of the captured guest RAM."""
+        return {"total_ms": round(1000 * durable_limit(str(_largest_block(capdir)),
+                                                       str(self.workdir)))}
+
+    def cell(self, method: str, channels: int, repeat: int,
+             guard: Any = None) -> dict[str, Any]:
+        """``repeat`` interleaved trials of every way to move this guest's RAM; medians, and
+        the median of each trial's ratio. ``guard`` wraps each run (the suite's: an error
+        becomes a row field instead of ending the run)."""
+        def call(fn: Any) -> dict[str, Any]:
+            return guard(fn) if guard is not None else fn()
+
+        capdir = self.workdir / f"cap-{method}-{channels}"
+        trials: list[dict[str, Any]] = []
+        try:
+            for _ in range(max(1, repeat)):
+                t: dict[str, Any] = {"qemu_to_qemu": call(lambda: self.qemu_to_qemu(
+                    method, channels))}
+                t["qemu_to_capture"] = call(lambda: self.qemu_to_capture(method, channels,
+                                                                         capdir))
+                if "error" not in t["qemu_to_capture"]:
+                    t["replay_to_qemu"] = call(lambda: self.replay_to_qemu(capdir, method,
+                                                                           channels))
+                    t["native"] = call(lambda: self.native(capdir, method, channels))
+                    t["durable_limit"] = call(lambda: self.durable(capdir))
+                trials.append(t)
+        finally:
+            shutil.rmtree(capdir, ignore_errors=True)
+        return summarize(method, channels, trials)
+
+
     # ------------------------------------------------------------------ mapped-ram files
 
     def qemu_save(self, path: Path, channels: int | None) -> dict[str, Any]:
@@ -205,6 +256,74 @@ class Bench:
         return row
 
 
+def _largest_block(capdir: Path) -> Path:
+    """The capture's guest RAM file (``pc.ram``: its largest block)."""
+    return max(capdir.glob("*.ram"), key=lambda f: f.stat().st_size)
+
+
+def _ms(trial: dict[str, Any], key: str, field: str = "total_ms") -> float | None:
+    value = (trial.get(key) or {}).get(field)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _median(values: list[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def summarize(method: str, channels: int, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """A cell's medians and median ratios (see the module's doc), with every trial kept."""
+    row: dict[str, Any] = {"method": method, "channels": channels, "trials": trials}
+    columns = {"qemu_ms": ("qemu_to_qemu", "total_ms"),
+               "capture_src_ms": ("qemu_to_capture", "total_ms"),
+               "capture_wall_ms": ("qemu_to_capture", "wall_ms"),
+               "replay_wall_ms": ("replay_to_qemu", "total_ms"),
+               "native_wall_ms": ("native", "total_ms"),
+               "native_transfer_ms": ("native", "transfer_ms"),
+               "durable_ms": ("durable_limit", "total_ms"),
+               "qemu_mbps": ("qemu_to_qemu", "mbps"), "capture_mbps": ("qemu_to_capture", "mbps")}
+    for name, (key, field) in columns.items():
+        row[name] = _median([_ms(t, key, field) for t in trials])
+    ratios: dict[str, list[float | None]] = {"capture": [], "native": [], "replay": []}
+    for t in trials:
+        qq, dl = _ms(t, "qemu_to_qemu"), _ms(t, "durable_limit")
+        base = max(qq or 0, dl or 0) or None
+        for name, value, against in (("capture", _ms(t, "qemu_to_capture", "wall_ms"), base),
+                                     ("native", _ms(t, "native"), base),
+                                     ("replay", _ms(t, "replay_to_qemu"), qq)):
+            ratios[name].append(value / against if value and against else None)
+    row["ratios"] = {k: (round(m, 2) if (m := _median(v)) is not None else None)
+                     for k, v in ratios.items()}
+    row["errors"] = sorted({f"{k}: {v['error']}" for t in trials for k, v in t.items()
+                            if isinstance(v, dict) and "error" in v})
+    return row
+
+
+def print_cells(rows: list[dict[str, Any]], repeat: int) -> None:
+    """The cells' medians (ms) and median ratios (target <= 1.3)."""
+    print(f"medians of {repeat} interleaved trials, ms; ratios: capture and native walls / "
+          "max(QEMU->QEMU, durable limit), replay wall / QEMU->QEMU (median of the trials' "
+          "ratios; target <= 1.3)")
+    head = (f"{'method':<7}{'ch':>3} {'QEMU->QEMU':>11} {'durable':>8} {'->cap src':>10} "
+            f"{'cap wall':>9} {'ratio':>6} {'native':>7} {'ratio':>6} {'replay':>7} "
+            f"{'ratio':>6} {'QEMU Mbit/s':>12} {'->cap Mbit/s':>13}")
+    print(head)
+    print("-" * len(head))
+
+    def f(v: float | None, width: int, fmt: str = ".0f") -> str:
+        return f"{v:>{width}{fmt}}" if v is not None else f"{'-':>{width}}"
+
+    for r in rows:
+        q = r["ratios"]
+        print(f"{r['method']:<7}{r['channels']:>3} {f(r['qemu_ms'], 11)} {f(r['durable_ms'], 8)} "
+              f"{f(r['capture_src_ms'], 10)} {f(r['capture_wall_ms'], 9)} "
+              f"{f(q['capture'], 6, '.2f')} {f(r['native_wall_ms'], 7)} "
+              f"{f(q['native'], 6, '.2f')} {f(r['replay_wall_ms'], 7)} "
+              f"{f(q['replay'], 6, '.2f')} {f(r['qemu_mbps'], 12)} {f(r['capture_mbps'], 13)}")
+        for e in r["errors"]:
+            print(f"{'':<10}error: {e}")
+
+
 def digest_floor(capdir: Path) -> int:
     """ms to digest the imported blocks once from the page cache (BLAKE3, all cores): what
     any verified import pays at least (the manifest holds a digest of each whole block)."""
@@ -242,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixed-mib", type=int, default=512)
     p.add_argument("--methods", nargs="+", default=["none", "zstd"])
     p.add_argument("--channels", nargs="+", type=int, default=[2, 4])
-    p.add_argument("--repeat", type=int, default=2, help="runs per cell; the best is shown")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="interleaved trials per cell (medians; mapped-ram rows: the best)")
+    p.add_argument("--json", metavar="PATH", help="write the cells, every trial included")
     p.add_argument("--workdir", default=None)
     p.add_argument("--mapped-ram", action="store_true",
                    help="only the mapped-ram rows (QEMU save/restore vs export/import)")
@@ -275,28 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for method in methods:
             for ch in args.channels:
-                capdir = work / f"cap-{method}-{ch}"
-                q2q = best(lambda m=method, c=ch: bench.qemu_to_qemu(m, c), args.repeat)
-                q2c = best(lambda m=method, c=ch, d=capdir: bench.qemu_to_capture(m, c, d),
-                           args.repeat)
-                rep = best(lambda m=method, c=ch, d=capdir: bench.replay_to_qemu(d, m, c),
-                           args.repeat)
-                shutil.rmtree(capdir, ignore_errors=True)
-                rows.append((method, ch, q2q, q2c, rep))
+                rows.append(bench.cell(method, ch, args.repeat))
                 print(f"  done {method} x{ch}", file=sys.stderr)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nguest: pc, -m {args.mem_mib}M, {args.mixed_mib} MiB mixed region, paused; "
-          f"best of {args.repeat}; times in ms")
-    head = (f"{'method':<7}{'ch':>3} {'QEMU->QEMU':>11} {'->capture src':>14} "
-            f"{'capture wall':>13} {'replay wall':>12} {'QEMU Mbit/s':>12} {'->cap Mbit/s':>13}")
-    print(head)
-    print("-" * len(head))
-    for method, ch, q2q, q2c, rep in rows:
-        print(f"{method:<7}{ch:>3} {q2q['total_ms']:>11} {q2c['total_ms']:>14} "
-              f"{q2c['wall_ms']:>13} {rep['total_ms']:>12} {q2q['mbps']:>12.0f} "
-              f"{q2c['mbps']:>13.0f}")
+    print(f"\nguest: pc, -m {args.mem_mib}M, {args.mixed_mib} MiB mixed region, paused")
+    print_cells(rows, args.repeat)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -292,10 +292,11 @@ def _cand_label(row: dict[str, Any]) -> str:
 
 
 def section_qemu(opts: Any) -> dict[str, Any]:
-    """QEMU->QEMU and QEMU->our capture rows from ``bench_qemu.Bench`` (the QEMU helper's)."""
+    """QEMU->QEMU, QEMU->our capture, our replay->QEMU, our native send->recv of the captured
+    RAM and the durable-write limit, as ``bench_qemu.Bench.cell`` runs them (interleaved
+    trials, medians, median ratios); then the mapped-ram rows."""
     try:
         from benchmarks.bench_qemu import Bench
-        from benchmarks.bench_wall import durable_limit
         from multifd_core.image import write_mixed_image
         from multifd_core.qemu.vm import qemu_missing_reason
     except ImportError as exc:
@@ -305,9 +306,9 @@ def section_qemu(opts: Any) -> dict[str, Any]:
         return {"skipped": reason}
     mem_mib = 1024
     mixed_mib = 16 if opts.quick else 512
+    repeat = 1 if opts.quick else opts.qemu_repeat
     work = Path(tempfile.mkdtemp(prefix="bench-qemu-", dir=opts.scratch))
     rows = []
-    durable: dict[str, Any] | None = None
     try:
         blob = work / "mixed.bin"
         write_mixed_image(blob, mixed_mib << 20)
@@ -319,21 +320,8 @@ def section_qemu(opts: Any) -> dict[str, Any]:
                                                         f"plugins/{method}"})
                 continue
             for ch in (2,) if opts.quick else (2, 4):
-                capdir = work / f"cap-{method}-{ch}"
-                row: dict[str, Any] = {"method": method, "channels": ch}
-                row["qemu_to_qemu"] = _guard(lambda m=method, c=ch: bench.qemu_to_qemu(m, c))
-                row["qemu_to_capture"] = _guard(
-                    lambda m=method, c=ch, d=capdir: bench.qemu_to_capture(m, c, d))
-                if "error" not in row["qemu_to_capture"]:
-                    row["replay_to_qemu"] = _guard(
-                        lambda m=method, c=ch, d=capdir: bench.replay_to_qemu(d, m, c))
-                    if durable is None:
-                        durable = _guard(lambda d=capdir: {"total_ms": round(1000 * (
-                            durable_limit(str(max(d.glob("*.ram"), key=lambda f: f.stat().st_size)),
-                                          str(work))))})
-                shutil.rmtree(capdir, ignore_errors=True)
-                _log(f"qemu {method} x{ch}: {row}")
-                rows.append(row)
+                rows.append(bench.cell(method, ch, repeat, guard=_guard))
+                _log(f"qemu {method} x{ch}: medians {_cell_line(rows[-1])}")
         mapped = []
         for ch in (4,) if opts.quick else (1, 4):
             mapped.append(_guard(lambda c=ch: bench.mapped_ram(c)))
@@ -341,10 +329,12 @@ def section_qemu(opts: Any) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"guest": f"pc, -m {mem_mib}M, {mixed_mib} MiB mixed region, paused",
-            "times": "total_ms: the QEMU source's total-time (replay: wall until the "
-                     "destination completed); wall_ms: capture's wall from migrate to exit",
-            "durable_limit": durable, "rows": rows,
-            "mapped_ram": mapped}
+            "repeat": repeat, "rows": rows, "mapped_ram": mapped}
+
+
+def _cell_line(row: dict[str, Any]) -> str:
+    keys = ("qemu_ms", "durable_ms", "capture_wall_ms", "native_wall_ms", "replay_wall_ms")
+    return ", ".join(f"{k} {row.get(k)}" for k in keys) + f"; ratios {row.get('ratios')}"
 
 
 def _guard(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -434,24 +424,14 @@ def print_report(res: dict[str, Any]) -> None:
     if q.get("skipped"):
         print(f"\nQEMU rows: skipped ({q['skipped']})")
     elif q.get("rows"):
-        print(f"\nQEMU ({q['guest']}; {q['times']}):")
-        dl = (q.get("durable_limit") or {}).get("total_ms")
-        print(f"durable-write limit of the guest's RAM: {dl} ms; ratios against the larger of "
-              "it and QEMU->QEMU (replay: against QEMU->QEMU), target <= 1.3")
-        print(f"{'method':<8}{'ch':>3} {'QEMU->QEMU ms':>14} {'->capture src ms':>17} "
-              f"{'capture wall':>13} {'ratio':>6} {'replay wall':>12} {'ratio':>6}")
+        from benchmarks.bench_qemu import print_cells
+
+        print(f"\nQEMU ({q['guest']}):")
+        cells = [r for r in q["rows"] if "ratios" in r]
         for r in q["rows"]:
-            if "error" in r:
-                print(f"{r['method']:<8}    {r['error']}")
-                continue
-            qq, qc = r["qemu_to_qemu"], r["qemu_to_capture"]
-            rp = r.get("replay_to_qemu") or {}
-            base = max(qq.get("total_ms") or 0, dl or 0)
-            cw, rw = qc.get("wall_ms"), rp.get("total_ms")
-            print(f"{r['method']:<8}{r['channels']:>3} {qq.get('total_ms', qq.get('error')):>14} "
-                  f"{qc.get('total_ms', qc.get('error')):>17} {cw or '-':>13} "
-                  f"{(cw / base if cw and base else 0):>6.2f} {rw or rp.get('error', '-'):>12} "
-                  f"{(rw / qq['total_ms'] if rw and qq.get('total_ms') else 0):>6.2f}")
+            if "ratios" not in r:
+                print(f"{r['method']:<8}    {r.get('error')}")
+        print_cells(cells, q.get("repeat", 1))
         if q.get("mapped_ram"):
             from benchmarks.bench_qemu import print_mapped_ram
 

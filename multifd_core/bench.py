@@ -86,7 +86,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     b.add_argument("--no-link", action="store_true", help="skip the namespace/tbf links")
     b.add_argument("--no-rss", action="store_true", help="skip the RSS-vs-image-size runs")
     b.add_argument("--qemu", action="store_true",
-                   help="add QEMU->QEMU and QEMU->our-capture rows (needs QEMU 10)")
+                   help="add the QEMU rows: QEMU->QEMU beside our capture, replay and "
+                        "native send of the same guest RAM (needs QEMU 10)")
+    b.add_argument("--qemu-repeat", type=int, default=3,
+                   help="interleaved trials per QEMU cell (medians; --quick: 1)")
     b.add_argument("--timeout", type=float, default=300.0, help="seconds per migration")
     b.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir "
                                                    "next to the image cache)")

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,10 @@ from multifd_core.methods.method import MethodOptions
 from multifd_core.methods.registry import MethodRegistry, default_registry
 from multifd_core.qemu import stream as qs
 from multifd_core.qemu.capture import MANIFEST_FORMAT
+from multifd_core.session.report import Phases
 from multifd_core.session.transport import Address, connect
+
+log = logging.getLogger("multifd.qemu.replay")
 
 
 class ReplayError(MultiFDError):
@@ -141,6 +145,10 @@ class ReplayStats:
     normal_pages: int
     zero_pages: int
     packets_per_channel: list[int]
+    #: Seconds per phase: connecting, transferring (the RAM, to its last SYNC), verifying
+    #: (waiting for the digest check to finish), device state (the tail sent until the
+    #: destination closed the stream, having loaded everything).
+    phases: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -168,6 +176,8 @@ def replay(capture: Capture, address: Address, *, channels: int, method: str = "
         switchover_start = bool(capture.manifest.get("switchover_start"))
     infos = [qs.BlockInfo(b.name, b.used_length) for b in capture.blocks]
     t0 = time.perf_counter()
+    phases = Phases(log)
+    phases.enter("connecting")
     main = connect(address, timeout=timeout)
     socks: list[socket.socket] = [main]
     sender: Sender | None = None
@@ -189,6 +199,7 @@ def replay(capture: Capture, address: Address, *, channels: int, method: str = "
         for _ in range(channels):
             socks.append(connect(address, timeout=timeout))
         sender = Sender(meth, socks[1:], page_size=page_size, uuid=uuid, timeout=timeout)
+        phases.enter("transferring")
         send_main(qs.ram_start_section(sid, infos, flush=flush))
         sender.sync()  # pairs with the START FLUSH (or EOS): no page before load setup
         for i, block in enumerate(capture.blocks):
@@ -200,7 +211,9 @@ def replay(capture: Capture, address: Address, *, channels: int, method: str = "
                     sender.queue_pages(block, index)
         sender.sync()  # pairs with the END FLUSH (or EOS)
         if check is not None:
+            phases.enter("verifying")
             check.wait(timeout)
+        phases.enter("device state")
         if switchover_start:
             send_main(qs.encode_command(qs.CMD_SWITCHOVER_START))
         send_main(qs.ram_end_section(sid, flush=flush))
@@ -223,7 +236,8 @@ def replay(capture: Capture, address: Address, *, channels: int, method: str = "
     return ReplayStats(seconds=time.perf_counter() - t0, main_bytes=main_bytes,
                        wire_bytes=stats.wire_bytes + main_bytes,
                        normal_pages=stats.normal_pages, zero_pages=stats.zero_pages,
-                       packets_per_channel=stats.packets_per_channel)
+                       packets_per_channel=stats.packets_per_channel,
+                       phases=phases.finish())
 
 
 def _wait_eof(main: socket.socket, timeout: float) -> None:
