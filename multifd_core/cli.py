@@ -326,7 +326,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from multifd_core.session import DEFAULT_MAX_MEMORY, DEFAULT_MAX_RAM
+    from multifd_core.session.limits import DEFAULT_MAX_MEMORY, DEFAULT_MAX_RAM
 
     p = Parser(prog="multifd", description=__doc__, epilog=ENVIRONMENT,
                formatter_class=TopHelpFormatter)

@@ -32,6 +32,7 @@ from multifd_core.engine.writeback import Writeback
 from multifd_core.errors import MultiFDError, TransportError, io_error
 from multifd_core.methods.method import MethodOptions
 from multifd_core.methods.registry import MethodRegistry, default_registry
+from multifd_core.qemu import MANIFEST_FORMAT
 from multifd_core.qemu import stream as qs
 from multifd_core.session.limits import DEFAULT_MAX_MEMORY, check_receive_memory, ensure_open_files
 from multifd_core.session.outdir import PARTIAL, FileOutput, printable
@@ -46,7 +47,6 @@ log = logging.getLogger("multifd.qemu.capture")
 PREFIX_FILE = "prefix.bin"
 TAIL_FILE = "tail.bin"
 VMDESC_FILE = "vmdesc.json"
-MANIFEST_FORMAT = "multifd-qemu-capture"
 QEVM = b"QEVM"
 #: Seconds a new connection has, at most, to send its opening bytes.
 HANDSHAKE_TIMEOUT = 10.0

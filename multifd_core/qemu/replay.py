@@ -29,8 +29,8 @@ from multifd_core.engine.sender import Sender
 from multifd_core.errors import MultiFDError, TransportError
 from multifd_core.methods.method import MethodOptions
 from multifd_core.methods.registry import MethodRegistry, default_registry
+from multifd_core.qemu import MANIFEST_FORMAT
 from multifd_core.qemu import stream as qs
-from multifd_core.qemu.capture import MANIFEST_FORMAT
 from multifd_core.session.report import Phases
 from multifd_core.session.transport import Address, connect
 

@@ -4,22 +4,38 @@ sans-IO ``wire.connection``, negotiation (``negotiate``), the ``auto`` method ch
 digests (``digests``), addresses and TLS (``transport``), the output directory (``outdir``),
 process limits (``limits``), reports (``report``, ``stats``)."""
 
-from multifd_core.session.limits import DEFAULT_MAX_MEMORY
-from multifd_core.session.outdir import PARTIAL, FileOutput, block_file_name
-from multifd_core.session.receive import (
-    DEFAULT_MAX_RAM,
-    HANDSHAKE_TIMEOUT,
-    Allocator,
-    ReceiveSession,
-)
-from multifd_core.session.send import AUTO, RoundPlan, probe_link, send_session
-from multifd_core.session.stats import SessionStats
+from __future__ import annotations
 
-#: A round: page numbers to send per block name (the name 0.1 used).
-Round = RoundPlan
+from importlib import import_module
+from typing import Any
+
+#: Where each name lives: imported on first use, so that a command loads only the parts of
+#: the package it runs (``qemu replay`` needs neither end of a native session).
+_LAZY = {
+    "AUTO": "send", "DEFAULT_MAX_MEMORY": "limits", "DEFAULT_MAX_RAM": "limits",
+    "HANDSHAKE_TIMEOUT": "receive", "PARTIAL": "outdir", "Allocator": "receive",
+    "FileOutput": "outdir", "ReceiveSession": "receive", "RoundPlan": "send",
+    "SessionStats": "stats", "block_file_name": "outdir", "probe_link": "send",
+    "send_session": "send",
+}
 
 __all__ = [
     "AUTO", "DEFAULT_MAX_MEMORY", "DEFAULT_MAX_RAM", "HANDSHAKE_TIMEOUT", "PARTIAL",
     "Allocator", "FileOutput", "ReceiveSession", "Round", "RoundPlan", "SessionStats",
     "block_file_name", "probe_link", "send_session",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Round: a round, page numbers to send per block name (the name 0.1 used).
+    real = "RoundPlan" if name == "Round" else name
+    where = _LAZY.get(real)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{where}"), real)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -11,6 +11,8 @@ from multifd_core.wire import ram_packet_len
 
 #: Default cap on a receiver's buffers and decoder state over all channels: 1 GiB.
 DEFAULT_MAX_MEMORY = 1 << 30
+#: Default cap on the RAM a sender may declare (the sum of its blocks' lengths): 1 TiB.
+DEFAULT_MAX_RAM = 1 << 40
 
 #: Descriptors kept free for listeners, selectors, pipes and libraries.
 FD_RESERVE = 32

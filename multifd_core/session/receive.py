@@ -34,6 +34,7 @@ from multifd_core.methods.registry import MethodRegistry, default_registry
 from multifd_core.session.digests import digests
 from multifd_core.session.limits import (
     DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_RAM,
     check_receive_memory,
     ensure_open_files,
 )
@@ -64,8 +65,6 @@ log = logging.getLogger("multifd.session")
 #: Allocates a destination block: (name, length, page_size) -> writable RamBlock.
 Allocator = Callable[[str, int, int], RamBlock]
 
-#: Default cap on the RAM a sender may declare (the sum of its blocks' lengths): 1 TiB.
-DEFAULT_MAX_RAM = 1 << 40
 #: Default time a new connection has to finish its TLS handshake, opening bytes, link probe
 #: and HELLO, all together.
 HANDSHAKE_TIMEOUT = 10.0
