@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -115,3 +116,71 @@ def test_gate_wake_ends_a_poll() -> None:
     assert returned.is_set()
     gate.close()
     listener.close()
+
+
+# ----------------------------------------------------------- read-only files: holes kept
+
+
+def _resident_kib(path: Path) -> int:
+    """Rss (KiB) of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's first line
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_read_only_file_keeps_its_holes_and_the_same_digest_and_zero_pages(
+        tmp_path: Path, seed: int) -> None:
+    """``from_file`` records the holes; the digest and the sender's zero-page scan (contiguous
+    and scattered pages) equal those that read every byte."""
+    from multifd_core.wire.packetizer import scan_zero
+    from multifd_core.wire.pages import zero_mask
+
+    rng = random.Random(seed)
+    length = rng.choice([3 * MIN_HOLE + 12288, 9 * MIN_HOLE])
+    writes = []
+    for _ in range(rng.randint(0, 12)):
+        off = rng.randrange(0, length, 4096) + rng.choice([0, 100])
+        data = bytearray(os.urandom(min(rng.randint(1, 2 << 20), length - off)))
+        data[: rng.choice([0, 4096])] = bytes(min(4096, len(data)))  # some zero pages in data
+        writes.append((off, bytes(data)))
+    os.close(_sparse_file(tmp_path / "f", length, writes))
+    raw = (tmp_path / "f").read_bytes()
+    block = RamBlock.from_file(tmp_path / "f", "f")
+    try:
+        assert block.holes is not None
+        assert block.digest() == blake3.blake3(raw).hexdigest()
+        words = np.frombuffer(raw, dtype=np.uint64).reshape(block.n_pages, 512)
+        want = zero_mask(words)
+        for first, n in ((0, block.n_pages), (7, block.n_pages - 9), (MIN_HOLE // 4096, 3)):
+            index = np.arange(first, first + n)
+            got = scan_zero(block.words, index, first, n, True, block.holes)
+            assert np.array_equal(got, want[index])
+        index = np.sort(np.array(rng.sample(range(block.n_pages), 500)))
+        got = scan_zero(block.words, index, int(index[0]), len(index), False, block.holes)
+        assert np.array_equal(got, want[index])
+    finally:
+        block.close()
+
+
+def test_sending_and_hashing_a_sparse_file_does_not_read_its_holes(tmp_path: Path) -> None:
+    """64 MiB with 2 MiB of data: planning every page and hashing the block leave the holes
+    out of the page cache (reading them would map 64 MiB)."""
+    from multifd_core.wire.packetizer import plan_batch
+
+    path = tmp_path / "sparse.img"
+    os.close(_sparse_file(path, 64 << 20, [(8 << 20, os.urandom(2 << 20))]))
+    block = RamBlock.from_file(path, "sparse")
+    try:
+        plan = plan_batch(block.array, block.words, np.arange(block.n_pages), 4096, 128,
+                          True, block.holes)
+        assert len(plan.normal) == 512 and len(plan.zero) == block.n_pages - 512
+        assert block.digest() == blake3.blake3(path.read_bytes()).hexdigest()
+        assert _resident_kib(path) <= 2 * MIN_HOLE // 1024, _resident_kib(path)
+    finally:
+        block.close()

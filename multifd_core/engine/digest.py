@@ -94,9 +94,18 @@ def digest_of_file(buffer: Any, fd: int, offset: int = 0, algorithm: str = DEFAU
     but holes are hashed from a zero buffer instead of being read through the mapping (reading
     a hole makes the kernel allocate and zero a page-cache page for it)."""
     view = memoryview(buffer).cast("B")
+    return digest_of_extents(view, data_extents(fd, offset, len(view)), algorithm,
+                             threads=threads)
+
+
+def digest_of_extents(buffer: Any, extents: list[tuple[int, int]], algorithm: str = DEFAULT,
+                      *, threads: bool = True) -> str:
+    """``digest_of(buffer)`` where only the byte ranges ``extents`` (ascending) may hold data:
+    the rest is hashed as zeros without being read."""
+    view = memoryview(buffer).cast("B")
     h = hasher(algorithm, threads=threads)
     done = 0
-    for start, end in data_extents(fd, offset, len(view)) + [(len(view), len(view))]:
+    for start, end in [*extents, (len(view), len(view))]:
         for zero in range(done, start, len(_ZEROS)):
             h.update(_ZEROS[: min(len(_ZEROS), start - zero)])
         for step in range(start, end, STEP):

@@ -96,7 +96,8 @@ class ChannelEncoder:
         """Pages ``index`` (ascending) of ``block`` as packets of up to PAGE_COUNT pages,
         numbered from ``numbers``."""
         ps = self.page_size
-        plan = plan_batch(block.array, block.words, index, ps, self.per_packet, self.detect_zero)
+        plan = plan_batch(block.array, block.words, index, ps, self.per_packet, self.detect_zero,
+                          block.holes)
         writer = self._writers.get(block.name)
         if writer is None:
             writer = self._writers[block.name] = RamHeaderWriter(ps, self.method.code,

@@ -13,7 +13,12 @@ from typing import Any
 import numpy as np
 
 from multifd_core.engine.digest import DEFAULT as DEFAULT_DIGEST
-from multifd_core.engine.digest import digest_of, digest_of_file
+from multifd_core.engine.digest import (
+    data_extents,
+    digest_of,
+    digest_of_extents,
+    digest_of_file,
+)
 from multifd_core.errors import MultiFDError, io_error
 from multifd_core.wire import RAMBLOCK_NAME_LEN, check_page_size
 from multifd_core.wire.pages import page_runs, run_bounds
@@ -51,6 +56,11 @@ class RamBlock:
         self._owns_fd = True
         #: Where the block is stored, for messages (its file's path), if anywhere.
         self.origin: str | None = None
+        #: A read-only file's holes, looked up when it was opened: ``(starts, ends)`` page
+        #: numbers of the ranges that read as zeros (None: not known). The sender's zero-page
+        #: scan and ``digest`` skip them rather than read them: a hole read through a mapping
+        #: makes the kernel allocate and zero a page-cache page for every page of it.
+        self.holes: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_pages(self) -> int:
@@ -70,7 +80,35 @@ class RamBlock:
         if self._fd is not None:
             return digest_of_file(self.array, self._fd, self._fd_offset, algorithm,
                                   threads=threads)
+        if self.holes is not None:
+            return digest_of_extents(self.array, self.data_extents(), algorithm,
+                                     threads=threads)
         return digest_of(self.array, algorithm, threads=threads)
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """Byte ranges of the block that may hold data: all of it, less ``holes``."""
+        if self.holes is None:
+            return [(0, self.used_length)]
+        out, pos, ps = [], 0, self.page_size
+        for start, end in zip(self.holes[0].tolist(), self.holes[1].tolist(), strict=True):
+            if start > pos:
+                out.append((pos * ps, start * ps))
+            pos = end
+        if pos < self.n_pages:
+            out.append((pos * ps, self.used_length))
+        return out
+
+    def _find_holes(self, fd: int, offset: int) -> None:
+        """Record the holes of ``fd``'s ``used_length`` bytes from ``offset`` (whole pages)."""
+        ps, starts, ends, pos = self.page_size, [], [], 0
+        for a, b in [*data_extents(fd, offset, self.used_length),
+                     (self.used_length, self.used_length)]:
+            first, last = -(-pos // ps), a // ps  # the whole pages of the gap [pos, a)
+            if last > first:
+                starts.append(first)
+                ends.append(last)
+            pos = b
+        self.holes = (np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64))
 
     def sha256(self) -> str:
         return self.digest("sha256")
@@ -152,7 +190,8 @@ class RamBlock:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], name: str | None = None, *,
                   page_size: int = 4096) -> RamBlock:
-        """A read-only block mapped from ``path`` (its length must be whole pages)."""
+        """A read-only block mapped from ``path`` (its length must be whole pages); its holes
+        are looked up now (``holes``)."""
         p = Path(path)
         try:
             fd = os.open(p, os.O_RDONLY)
@@ -164,11 +203,12 @@ class RamBlock:
                 raise MultiFDError(f"{p}: size {size} is not a multiple of the page size "
                                    f"{page_size}")
             buf: Any = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else b""
+            block = cls(name or p.name, buf, page_size=page_size)
+            if size:
+                block._closers.append(buf)
+                block._find_holes(fd, 0)
         finally:
             os.close(fd)
-        block = cls(name or p.name, buf, page_size=page_size)
-        if size:
-            block._closers.append(buf)
         return block
 
     @classmethod
@@ -217,6 +257,8 @@ class RamBlock:
             block._closers.append(mapping)
         if writable:
             block._fd, block._fd_offset, block._owns_fd = fd, offset, False
+        elif length:
+            block._find_holes(fd, offset)
         return block
 
     @classmethod

@@ -35,16 +35,53 @@ class BatchPlan:
         return len(self.normal_bounds) - 1
 
 
+def in_ranges(index: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """True for each page of ``index`` inside one of the sorted, disjoint ranges
+    ``[starts[i], ends[i])``."""
+    j = np.searchsorted(starts, index, side="right") - 1
+    return (j >= 0) & (index < ends[np.maximum(j, 0)])
+
+
+def scan_zero(words: np.ndarray, index: np.ndarray, first: int, n: int, contiguous: bool,
+              holes: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """``zero_mask`` of pages ``index`` (``contiguous``: exactly ``first .. first + n - 1``),
+    where pages inside ``holes`` are zero without being read. A loop per hole, not per page."""
+    if holes is None or not len(holes[0]):
+        return zero_mask(words[first : first + n] if contiguous else words[index])
+    starts, ends = holes
+    if not contiguous:
+        out = in_ranges(index, starts, ends)
+        rest = np.flatnonzero(~out)
+        if len(rest):
+            out[rest] = zero_mask(words[index[rest]])
+        return out
+    out = np.ones(n, dtype=bool)
+    stop = first + n
+    i = int(np.searchsorted(ends, first, side="right"))  # the first hole ending after first
+    pos = first
+    while pos < stop:
+        if i < len(starts) and starts[i] <= pos:  # pos lies in hole i
+            pos = int(ends[i])
+            i += 1
+            continue
+        end = min(int(starts[i]), stop) if i < len(starts) else stop
+        out[pos - first : end - first] = zero_mask(words[pos:end])
+        pos = end
+    return out
+
+
 def plan_batch(block: np.ndarray, words: np.ndarray, index: np.ndarray, page_size: int,
-               per_packet: int, detect_zero: bool = True) -> BatchPlan:
+               per_packet: int, detect_zero: bool = True,
+               holes: tuple[np.ndarray, np.ndarray] | None = None) -> BatchPlan:
     """Plan the packets for pages ``index`` of ``block`` (flat uint8; ``words`` its
-    ``(n_pages, page_size // 8)`` uint64 view)."""
+    ``(n_pages, page_size // 8)`` uint64 view). ``holes``: ``(starts, ends)`` page ranges
+    known to read as zeros, taken as zero pages without being read."""
     n = len(index)
     n_packets = -(-n // per_packet)
     first = int(index[0])
     contiguous = int(index[-1]) - first + 1 == n
     if detect_zero:
-        zmask = zero_mask(words[first : first + n] if contiguous else words[index])
+        zmask = scan_zero(words, index, first, n, contiguous, holes)
     else:
         zmask = np.zeros(n, dtype=bool)
     packet_of = np.arange(n) // per_packet
