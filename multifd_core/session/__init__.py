@@ -7,7 +7,16 @@ process limits (``limits``), reports (``report``, ``stats``)."""
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names as type checkers see them; at run time they load on first use
+    from multifd_core.session.limits import DEFAULT_MAX_MEMORY, DEFAULT_MAX_RAM
+    from multifd_core.session.outdir import PARTIAL, FileOutput, block_file_name
+    from multifd_core.session.receive import HANDSHAKE_TIMEOUT, Allocator, ReceiveSession
+    from multifd_core.session.send import AUTO, RoundPlan, probe_link, send_session
+    from multifd_core.session.stats import SessionStats
+
+    Round = RoundPlan
 
 #: Where each name lives: imported on first use, so that a command loads only the parts of
 #: the package it runs (``qemu replay`` needs neither end of a native session).
