@@ -18,7 +18,7 @@ import pytest
 from multifd_core import wire
 from multifd_core.methods.registry import default_registry
 from multifd_core.session import ReceiveSession
-from multifd_core.session.transport import Address, bound_address, listen
+from multifd_core.session.transport import Address, bound_address, connect, listen
 from multifd_core.wire import protocol
 from multifd_core.wire.protocol import FRAME_LEN, Hello, Msg, Offer
 
@@ -210,24 +210,15 @@ class FlipProxy:
                 continue
             except OSError:
                 return
-            server = self._connect_upstream()
+            # The receiver it fronts may not listen yet (its start races the sender's):
+            # connect retries a refusal, as the sender does.
+            server = connect(self.upstream, timeout=20)
+            server.settimeout(None)
             self._socks += [client, server]
             for src, dst, up in ((client, server, True), (server, client, False)):
                 t = threading.Thread(target=self._pump, args=(src, dst, up), daemon=True)
                 t.start()
                 self._threads.append(t)
-
-    def _connect_upstream(self, deadline_s: float = 20.0) -> socket.socket:
-        """The upstream connection; a receiver started just before the sender may not be
-        listening yet (its process start races the sender's), so refusals are retried."""
-        deadline = time.monotonic() + deadline_s
-        while True:
-            try:
-                return socket.create_connection((self.upstream.host, self.upstream.port))
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
 
     def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         pos = 0

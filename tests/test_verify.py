@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from netkit import free_port, one_line_error
 
-from multifd_core.testing import in_ci
+from multifd_core.testing import require
 
 CLI = [sys.executable, "-m", "multifd_core.cli"]
 
@@ -65,9 +65,8 @@ def test_verify_names_a_changed_byte(received: Path, tmp_path: Path) -> None:
 
 def test_b3sum_checks_the_manifest_without_multifd(received: Path) -> None:
     """The documented format: each block's ``blake3`` is what ``b3sum FILE`` prints."""
-    if shutil.which("b3sum") is None:
-        why = "b3sum not installed: apt-get install b3sum (scripts/setup-system.sh does)"
-        pytest.fail(why) if in_ci() else pytest.skip(why)
+    require(shutil.which("b3sum") is not None,
+            "b3sum not installed: apt-get install b3sum (scripts/setup-system.sh does)")
     manifest = json.loads((received / "manifest.json").read_text())
     assert manifest["digest"] == "blake3"
     for entry in manifest["blocks"]:

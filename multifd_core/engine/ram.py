@@ -61,6 +61,7 @@ class RamBlock:
         #: scan and ``digest`` skip them rather than read them: a hole read through a mapping
         #: makes the kernel allocate and zero a page-cache page for every page of it.
         self.holes: tuple[np.ndarray, np.ndarray] | None = None
+        self._extents: list[tuple[int, int]] | None = None  # the same, as data byte ranges
 
     @property
     def n_pages(self) -> int:
@@ -80,29 +81,16 @@ class RamBlock:
         if self._fd is not None:
             return digest_of_file(self.array, self._fd, self._fd_offset, algorithm,
                                   threads=threads)
-        if self.holes is not None:
-            return digest_of_extents(self.array, self.data_extents(), algorithm,
-                                     threads=threads)
+        if self._extents is not None:
+            return digest_of_extents(self.array, self._extents, algorithm, threads=threads)
         return digest_of(self.array, algorithm, threads=threads)
 
-    def data_extents(self) -> list[tuple[int, int]]:
-        """Byte ranges of the block that may hold data: all of it, less ``holes``."""
-        if self.holes is None:
-            return [(0, self.used_length)]
-        out, pos, ps = [], 0, self.page_size
-        for start, end in zip(self.holes[0].tolist(), self.holes[1].tolist(), strict=True):
-            if start > pos:
-                out.append((pos * ps, start * ps))
-            pos = end
-        if pos < self.n_pages:
-            out.append((pos * ps, self.used_length))
-        return out
-
     def _find_holes(self, fd: int, offset: int) -> None:
-        """Record the holes of ``fd``'s ``used_length`` bytes from ``offset`` (whole pages)."""
+        """Record where ``fd``'s ``used_length`` bytes from ``offset`` may hold data (for the
+        digest) and its holes in whole pages (``holes``)."""
+        self._extents = data_extents(fd, offset, self.used_length)
         ps, starts, ends, pos = self.page_size, [], [], 0
-        for a, b in [*data_extents(fd, offset, self.used_length),
-                     (self.used_length, self.used_length)]:
+        for a, b in [*self._extents, (self.used_length, self.used_length)]:
             first, last = -(-pos // ps), a // ps  # the whole pages of the gap [pos, a)
             if last > first:
                 starts.append(first)
