@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from multifd_core import __version__
+from multifd_core import __version__, _numpy  # noqa: F401  (_numpy: before numpy's first import)
 from multifd_core.bench import add_parser as add_bench_parser
 from multifd_core.cli_qemu import add_qemu_parser
 from multifd_core.cliargs import (
