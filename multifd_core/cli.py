@@ -47,6 +47,8 @@ environment:
                              the vendor library a plugin loads (default: the system's)
   MULTIFD_PAGECODEC=off      qpl/uadk software engines: the Python per-page loop, not the C helper
   MULTIFD_QEMU=PATH          the QEMU binary of the tests and bench (default: qemu-system-x86_64)
+  OPENBLAS_NUM_THREADS=N     numpy's BLAS threads (default here: 1; multifd never calls BLAS,
+                             and OpenBLAS's pool spins ~0.15 CPU-s per process at start)
 
 Add -v (or -vv) before or after a command for logs: negotiation, engines, channels, rounds,
 per-channel statistics, phase timings.
