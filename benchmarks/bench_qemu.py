@@ -18,7 +18,9 @@ by QEMU's loader device. For each method and channel count:
 Each cell runs ``--repeat`` interleaved trials (QEMU->QEMU, capture, replay, native, durable
 limit, in that order each time); the table gives medians, and each ratio is the median of the
 trials' ratios: capture and native walls against the larger of QEMU->QEMU and the durable
-limit, replay against QEMU->QEMU (target <= 1.3 each).
+limit, replay against QEMU->QEMU (target <= 1.3 each). When a cell's QEMU->QEMU trials lie
+``NOISY`` (1.5x) or more apart, the table says so under the cell: its ratios then follow the
+machine's load more than the code (the JSON keeps ``qemu_range_ms`` for every cell).
 
 Mapped-ram files (``--mapped-ram``, and ``multifd bench --qemu``), N channels / threads:
 
@@ -271,6 +273,10 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(got) if got else None
 
 
+#: QEMU->QEMU trials this far apart (slowest / fastest) mark a cell's ratios as unreliable.
+NOISY = 1.5
+
+
 def summarize(method: str, channels: int, trials: list[dict[str, Any]]) -> dict[str, Any]:
     """A cell's medians and median ratios (see the module's doc), with every trial kept."""
     row: dict[str, Any] = {"method": method, "channels": channels, "trials": trials}
@@ -294,6 +300,8 @@ def summarize(method: str, channels: int, trials: list[dict[str, Any]]) -> dict[
             ratios[name].append(value / against if value and against else None)
     row["ratios"] = {k: (round(m, 2) if (m := _median(v)) is not None else None)
                      for k, v in ratios.items()}
+    qemu = [v for t in trials if (v := _ms(t, "qemu_to_qemu")) is not None]
+    row["qemu_range_ms"] = [min(qemu), max(qemu)] if qemu else None
     row["errors"] = sorted({f"{k}: {v['error']}" for t in trials for k, v in t.items()
                             if isinstance(v, dict) and "error" in v})
     return row
@@ -320,6 +328,10 @@ def print_cells(rows: list[dict[str, Any]], repeat: int) -> None:
               f"{f(q['capture'], 6, '.2f')} {f(r['native_wall_ms'], 7)} "
               f"{f(q['native'], 6, '.2f')} {f(r['replay_wall_ms'], 7)} "
               f"{f(q['replay'], 6, '.2f')} {f(r['qemu_mbps'], 12)} {f(r['capture_mbps'], 13)}")
+        low, high = r.get("qemu_range_ms") or (None, None)
+        if low and high / low >= NOISY:
+            print(f"{'':<10}QEMU->QEMU trials took {low:.0f}-{high:.0f} ms ({high / low:.1f}x "
+                  "apart): the machine was loaded, so compare walls rather than ratios")
         for e in r["errors"]:
             print(f"{'':<10}error: {e}")
 

@@ -156,3 +156,30 @@ def test_auto_never_prefers_a_method_that_does_not_compress(mixed_block: RamBloc
     rows = [pred("none", 1.0, 1.0), pred("raw", 0.999, 0.5), pred("zstd", 1.5, 0.8)]
     assert _dominated_by_none(rows) == {"raw"}
     assert _dominated_by_none(rows[1:]) == set()
+
+
+def _trial(qemu: int, capture: int, replay: int, native: int, durable: int) -> dict[str, Any]:
+    return {"qemu_to_qemu": {"total_ms": qemu},
+            "qemu_to_capture": {"total_ms": capture - 100, "wall_ms": capture},
+            "replay_to_qemu": {"total_ms": replay}, "native": {"total_ms": native},
+            "durable_limit": {"total_ms": durable}}
+
+
+def test_qemu_cells_give_median_ratios_and_flag_a_loaded_machine(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The ratios are medians of each trial's own ratio; QEMU->QEMU trials far apart mark
+    the cell, since its denominator then moves more than what is measured."""
+    from benchmarks.bench_qemu import print_cells, summarize
+
+    quiet = summarize("none", 4, [_trial(300, 900, 450, 800, 600),
+                                  _trial(280, 1000, 400, 780, 620),
+                                  _trial(320, 950, 480, 900, 640)])
+    assert quiet["qemu_range_ms"] == [280, 320]
+    # capture: 900/600, 1000/620, 950/640 -> median 1.5; replay: 1.5, 1.43, 1.5 -> 1.5
+    assert quiet["ratios"] == {"capture": 1.5, "native": 1.33, "replay": 1.5}
+    loaded = summarize("none", 2, [_trial(270, 900, 450, 800, 600),
+                                   _trial(1600, 1000, 400, 780, 620)])
+    print_cells([quiet, loaded], 3)
+    out = capsys.readouterr().out
+    assert "QEMU->QEMU trials took 270-1600 ms (5.9x apart)" in out
+    assert "280-320" not in out
