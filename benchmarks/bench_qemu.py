@@ -1,6 +1,8 @@
 """QEMU->QEMU vs QEMU->our capture, and our replay->QEMU, on one guest, in one run.
 
-The guest: ``-m 1G`` (pc, paused, RAM in a memory-backend-file) with a 512 MiB mixed region
+The guest: ``-m 1G`` (pc, paused, ordinary anonymous RAM: ``memory-backend-ram``; a sparse
+``memory-backend-file`` made QEMU's source zero a page-cache page for every never-written page
+it read, 60-70% of its CPU in slow trials) with a 512 MiB mixed region
 (the project's deterministic image: 40% zero, 30% text-like, 30% random pages) placed at 1 MiB
 by QEMU's loader device. For each method and channel count:
 
@@ -21,6 +23,11 @@ trials' ratios: capture and native walls against the larger of QEMU->QEMU and th
 limit, replay against QEMU->QEMU (target <= 1.3 each). When a cell's QEMU->QEMU trials lie
 ``NOISY`` (1.5x) or more apart, the table says so under the cell: its ratios then follow the
 machine's load more than the code (the JSON keeps ``qemu_range_ms`` for every cell).
+
+Every timed step starts right after ``--warm-gib`` GiB of memory was touched and freed
+(``benchmarks.warm``): on a VM that hands its free memory back to the host, the first touch of
+a page otherwise costs a host fault, and QEMU->QEMU alone varies 2-6x with the idle time
+before it. The JSON keeps each step's ``warm_us`` (what the warm-up cost per page).
 
 Mapped-ram files (``--mapped-ram``, and ``multifd bench --qemu``), N channels / threads:
 
@@ -47,8 +54,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_wall import durable_limit
+from benchmarks.bench_wall import durable_limit, warm_line, warm_range
 from benchmarks.bench_wall import native as native_run
+from benchmarks.warm import WARM_GIB, warm_memory
 from multifd_core.engine.ram import RamBlock
 from multifd_core.image import write_mixed_image
 from multifd_core.methods.registry import default_registry
@@ -68,16 +76,19 @@ def _listening_port(proc: subprocess.Popen[str]) -> int:
 
 
 class Bench:
-    def __init__(self, workdir: Path, mem_mib: int, blob: Path) -> None:
+    def __init__(self, workdir: Path, mem_mib: int, blob: Path, *,
+                 warm_gib: float = WARM_GIB) -> None:
         self.workdir = workdir
         self.mem_mib = mem_mib
         self.blob = blob
+        self.warm_gib = warm_gib
+
+    def warm(self) -> float | None:
+        """Right before a timed step: ``warm_memory`` (see benchmarks.warm)."""
+        return warm_memory(self.warm_gib)
 
     def vm(self, name: str, *, incoming: bool = False) -> QemuVM:
-        ram = self.workdir / f"{name}.ram"
-        ram.unlink(missing_ok=True)
-        cfg = GuestConfig(machine="pc", mem_mib=self.mem_mib, ram_file=ram, share=False,
-                          incoming=incoming,
+        cfg = GuestConfig(machine="pc", mem_mib=self.mem_mib, anonymous=True, incoming=incoming,
                           loaders=[] if incoming else [(self.blob, 0x100000)])
         return QemuVM(self.workdir, name, cfg).start()
 
@@ -93,12 +104,13 @@ class Bench:
         try:
             uri = self._incoming(dst, channels, method)
             src.set_migration(channels=channels, compression=method)
+            warm = self.warm()
             src.migrate(uri)
             info = src.qmp.wait_migration(timeout=300)
             dinfo = dst.qmp.wait_migration(timeout=60)
             assert info["status"] == dinfo["status"] == "completed", (info, dinfo)
             return {"total_ms": info["total-time"], "mbps": info["ram"]["mbps"],
-                    "transferred": info["ram"]["transferred"]}
+                    "transferred": info["ram"]["transferred"], "warm_us": warm}
         finally:
             src.stop()
             dst.stop()
@@ -117,6 +129,7 @@ class Bench:
             port = _listening_port(cap)
             ready = time.perf_counter() - t_start
             src.set_migration(channels=channels, compression=method)
+            warm = self.warm()
             t0 = time.perf_counter()
             src.migrate(f"tcp:127.0.0.1:{port}")
             stdout, stderr = cap.communicate(timeout=300)
@@ -126,7 +139,8 @@ class Bench:
             manifest = json.loads(stdout)
             return {"total_ms": info["total-time"], "mbps": info["ram"]["mbps"],
                     "capture_s": manifest["statistics"]["seconds"],
-                    "wall_ms": round(wall * 1000), "start_ms": round(ready * 1000)}
+                    "wall_ms": round(wall * 1000), "start_ms": round(ready * 1000),
+                    "warm_us": warm}
         finally:
             if cap.poll() is None:
                 cap.kill()
@@ -139,6 +153,7 @@ class Bench:
         dst = self.vm("dst", incoming=True)
         try:
             uri = self._incoming(dst, channels, method)
+            warm = self.warm()
             t0 = time.perf_counter()
             run = subprocess.run([*CLI, "qemu", "replay", str(capdir), uri, "-n", str(channels),
                                   "-c", method, "--json", "--timeout", "120"],
@@ -150,22 +165,24 @@ class Bench:
             stats = json.loads(run.stdout)
             return {"total_ms": round(wall * 1000), "exit_ms": round(exited * 1000),
                     "wire": stats["wire_bytes"], "seconds": stats["seconds"],
-                    "phases": stats.get("phases", {})}
+                    "phases": stats.get("phases", {}), "warm_us": warm}
         finally:
             dst.stop()
 
 
     def native(self, capdir: Path, method: str, channels: int) -> dict[str, Any]:
         """The captured guest RAM sent with ``multifd send`` -> ``multifd recv``."""
-        row = native_run(str(_largest_block(capdir)), method, channels, str(self.workdir))
-        return {"total_ms": round(row["wall_s"] * 1000),
+        row = native_run(str(_largest_block(capdir)), method, channels, str(self.workdir),
+                         warm_gib=self.warm_gib)
+        return {"total_ms": round(row["wall_s"] * 1000), "warm_us": row["warm_us"],
                 "transfer_ms": round(row["transfer_s"] * 1000),
                 "recv_phases": row["recv"]["phases"], "send_phases": row["send"]["phases"]}
 
     def durable(self, capdir: Path) -> dict[str, Any]:
         """The durable-write limit of the captured guest RAM."""
-        return {"total_ms": round(1000 * durable_limit(str(_largest_block(capdir)),
-                                                       str(self.workdir)))}
+        took, warm = durable_limit(str(_largest_block(capdir)), str(self.workdir),
+                                   warm_gib=self.warm_gib)
+        return {"total_ms": round(1000 * took), "warm_us": warm}
 
     def cell(self, method: str, channels: int, repeat: int,
              guard: Any = None) -> dict[str, Any]:
@@ -201,6 +218,7 @@ class Bench:
         try:
             path.unlink(missing_ok=True)
             src.set_mapped_ram(channels=channels)
+            self.warm()
             src.migrate(f"file:{path}")
             info = src.qmp.wait_migration(timeout=300, poll=0.005)
             assert info["status"] == "completed", info
@@ -212,6 +230,7 @@ class Bench:
         dst = self.vm("dst", incoming=True)
         try:
             dst.set_mapped_ram(channels=channels)
+            self.warm()
             t0 = time.perf_counter()
             dst.migrate_incoming(f"file:{path}")
             info = dst.qmp.wait_migration(timeout=300, poll=0.005)
@@ -230,6 +249,7 @@ class Bench:
 
         def imp() -> dict[str, Any]:
             shutil.rmtree(capdir, ignore_errors=True)
+            self.warm()
             t0 = time.perf_counter()
             m = import_file(saved, capdir, threads=channels)
             return {"total_ms": round((time.perf_counter() - t0) * 1000),
@@ -239,6 +259,7 @@ class Bench:
             # Not over an old file: freeing its blocks (online discard here) would be timed
             # inside the rename. QEMU's save likewise starts without one.
             ours.unlink(missing_ok=True)
+            self.warm()
             t0 = time.perf_counter()
             r = export_capture(capdir, ours, threads=channels)
             return {"total_ms": round((time.perf_counter() - t0) * 1000),
@@ -302,12 +323,14 @@ def summarize(method: str, channels: int, trials: list[dict[str, Any]]) -> dict[
                      for k, v in ratios.items()}
     qemu = [v for t in trials if (v := _ms(t, "qemu_to_qemu")) is not None]
     row["qemu_range_ms"] = [min(qemu), max(qemu)] if qemu else None
+    row["warm_us_per_page"] = warm_range([v.get("warm_us") for t in trials for v in t.values()
+                                          if isinstance(v, dict)])
     row["errors"] = sorted({f"{k}: {v['error']}" for t in trials for k, v in t.items()
                             if isinstance(v, dict) and "error" in v})
     return row
 
 
-def print_cells(rows: list[dict[str, Any]], repeat: int) -> None:
+def print_cells(rows: list[dict[str, Any]], repeat: int, warm_gib: float = 0.0) -> None:
     """The cells' medians (ms) and median ratios (target <= 1.3)."""
     print(f"medians of {repeat} interleaved trials, ms; ratios: capture and native walls / "
           "max(QEMU->QEMU, durable limit), replay wall / QEMU->QEMU (median of the trials' "
@@ -334,6 +357,8 @@ def print_cells(rows: list[dict[str, Any]], repeat: int) -> None:
                   "apart): the machine was loaded, so compare walls rather than ratios")
         for e in r["errors"]:
             print(f"{'':<10}error: {e}")
+    print(warm_line(warm_gib, warm_range([v for r in rows
+                                          for v in (r.get("warm_us_per_page") or [])])))
 
 
 def digest_floor(capdir: Path) -> int:
@@ -377,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="interleaved trials per cell (medians; mapped-ram rows: the best)")
     p.add_argument("--json", metavar="PATH", help="write the cells, every trial included")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--warm-gib", type=float, default=WARM_GIB,
+                   help="GiB of memory touched and freed before each timed step (0: none; "
+                        "see benchmarks/warm.py)")
     p.add_argument("--mapped-ram", action="store_true",
                    help="only the mapped-ram rows (QEMU save/restore vs export/import)")
     args = p.parse_args(argv)
@@ -392,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     blob = work / "mixed.bin"
     write_mixed_image(blob, args.mixed_mib << 20)
-    bench = Bench(work, args.mem_mib, blob)
+    bench = Bench(work, args.mem_mib, blob, warm_gib=args.warm_gib)
     rows = []
     if args.mapped_ram:
         try:
@@ -414,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nguest: pc, -m {args.mem_mib}M, {args.mixed_mib} MiB mixed region, paused")
-    print_cells(rows, args.repeat)
+    print_cells(rows, args.repeat, args.warm_gib)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -176,9 +176,11 @@ def section_wall(opts: Any) -> dict[str, Any]:
     """``bench_wall``: send -> recv walls (verified, durable) against the durable-write limit,
     phases and CPU per side (``--quick``: once, on the small image)."""
     from benchmarks.bench_wall import run as wall_run
+    from benchmarks.warm import WARM_GIB
 
     _log("wall: multifd send -> multifd recv, none x4 and zstd x2, against the durable write")
-    return _guard(lambda: wall_run(opts.size_mib, 1 if opts.quick else 3, opts.scratch))
+    return _guard(lambda: wall_run(opts.size_mib, 1 if opts.quick else 3, opts.scratch,
+                                   0.0 if opts.quick else WARM_GIB))
 
 
 def section_matrix(opts: Any, variants: list[tuple[str, int | None, str | None]],
@@ -297,6 +299,7 @@ def section_qemu(opts: Any) -> dict[str, Any]:
     trials, medians, median ratios); then the mapped-ram rows."""
     try:
         from benchmarks.bench_qemu import Bench
+        from benchmarks.warm import WARM_GIB
         from multifd_core.image import write_mixed_image
         from multifd_core.qemu.vm import qemu_missing_reason
     except ImportError as exc:
@@ -312,7 +315,7 @@ def section_qemu(opts: Any) -> dict[str, Any]:
     try:
         blob = work / "mixed.bin"
         write_mixed_image(blob, mixed_mib << 20)
-        bench = Bench(work, mem_mib, blob)
+        bench = Bench(work, mem_mib, blob, warm_gib=0.0 if opts.quick else WARM_GIB)
         registry = default_registry()
         for method in ("none", "zlib", "zstd"):
             if method not in registry:
@@ -329,7 +332,7 @@ def section_qemu(opts: Any) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"guest": f"pc, -m {mem_mib}M, {mixed_mib} MiB mixed region, paused",
-            "repeat": repeat, "rows": rows, "mapped_ram": mapped}
+            "repeat": repeat, "warm_gib": bench.warm_gib, "rows": rows, "mapped_ram": mapped}
 
 
 def _cell_line(row: dict[str, Any]) -> str:
@@ -431,7 +434,7 @@ def print_report(res: dict[str, Any]) -> None:
         for r in q["rows"]:
             if "ratios" not in r:
                 print(f"{r['method']:<8}    {r.get('error')}")
-        print_cells(cells, q.get("repeat", 1))
+        print_cells(cells, q.get("repeat", 1), q.get("warm_gib", 0.0))
         if q.get("mapped_ram"):
             from benchmarks.bench_qemu import print_mapped_ram
 

@@ -12,8 +12,10 @@ beside the limits measured in the same run, with each side's phases and CPU.
   1 / (user CPU per GiB): user time is taken as holding the GIL (pessimistic: codecs and
   hashing release it), system time as parallel.
 
-Cases run interleaved, ``--repeat`` times; medians. Run:
-``python -m benchmarks.bench_wall [--size-mib 1024] [--repeat 3] [--json PATH]``.
+Cases run interleaved, ``--repeat`` times; medians. Each timed step starts right after
+``--warm-gib`` GiB of memory was touched and freed (``benchmarks.warm``: on a VM that hands
+free memory back to its host, the figures otherwise follow the host). Run:
+``python -m benchmarks.bench_wall [--size-mib 1024] [--repeat 3] [--warm-gib 2] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 
 from benchmarks.bench_engine import bare_sockets
 from benchmarks.common import free_port
+from benchmarks.warm import WARM_GIB, warm_memory
 from multifd_core.demo import mixed_image_path
 from multifd_core.engine.ram import RamBlock
 from multifd_core.wire.pages import run_bounds, zero_mask
@@ -44,8 +47,9 @@ CASES = (("none", 4), ("zstd", 2))
 GIB = 1 << 30
 
 
-def durable_limit(image: str, workdir: str) -> float:
-    """Seconds to pwrite the image's non-zero pages into a new file and fdatasync it."""
+def durable_limit(image: str, workdir: str, *, warm_gib: float = 0.0) -> tuple[float, float | None]:
+    """Seconds to pwrite the image's non-zero pages into a new file and fdatasync it, and the
+    cost per page of the ``warm_gib`` warm-up right before (None: none)."""
     block = RamBlock.from_file(image, "pc.ram")
     try:
         data = block.words
@@ -54,6 +58,7 @@ def durable_limit(image: str, workdir: str) -> float:
         raw = memoryview(block.array)
         page = block.page_size
         path = os.path.join(workdir, "durable.img")
+        warm = warm_memory(warm_gib)
         t0 = time.perf_counter()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -66,7 +71,7 @@ def durable_limit(image: str, workdir: str) -> float:
             os.close(fd)
         took = time.perf_counter() - t0
         os.unlink(path)
-        return took
+        return took, warm
     finally:
         block.close()
 
@@ -86,8 +91,9 @@ def _waited(proc: subprocess.Popen[bytes], out: dict[str, Any], key: str) -> thr
 
 
 def native(image: str, method: str, channels: int, workdir: str,
-           timeout: float = 120.0) -> dict[str, Any]:
-    """One ``send`` -> ``recv`` run as separate processes; times from send's start."""
+           timeout: float = 120.0, *, warm_gib: float = 0.0) -> dict[str, Any]:
+    """One ``send`` -> ``recv`` run as separate processes; times from send's start (``recv``
+    listening first, then the ``warm_gib`` warm-up)."""
     out_dir = os.path.join(workdir, f"out-{method}-{channels}")
     shutil.rmtree(out_dir, ignore_errors=True)
     addr = f"tcp:127.0.0.1:{free_port()}"
@@ -106,6 +112,7 @@ def native(image: str, method: str, channels: int, workdir: str,
     drain = threading.Thread(target=recv.stderr.read, daemon=True)
     drain.start()
     reap_recv = _waited(recv, reaped, "recv")
+    warm = warm_memory(warm_gib)
     t0 = time.perf_counter()
     send = subprocess.Popen([*CLI, "send", f"pc.ram={image}", addr, "--compression", method,
                              "--channels", str(channels), "--json", "--timeout", str(timeout)],
@@ -121,7 +128,7 @@ def native(image: str, method: str, channels: int, workdir: str,
     sides = {"send": json.loads(send_out), "recv": json.loads(recv_out)}
     row: dict[str, Any] = {"method": method, "channels": channels, "recv_start_s": ready,
                            "wall_s": max(reaped[k]["exit"] for k in reaped) - t0,
-                           "transfer_s": sides["send"]["transfer_seconds"]}
+                           "transfer_s": sides["send"]["transfer_seconds"], "warm_us": warm}
     ram = sides["send"]["ram_bytes"] / GIB
     for side, st in sides.items():
         cpu = st.get("channel_cpu") or {"user": float("nan"), "system": float("nan")}
@@ -144,25 +151,46 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(rows, key=lambda r: r["wall_s"])[len(rows) // 2]
 
 
-def run(size_mib: int, repeat: int, workdir: str) -> dict[str, Any]:
+def run(size_mib: int, repeat: int, workdir: str, warm_gib: float = WARM_GIB) -> dict[str, Any]:
     image = mixed_image_path(size_mib)
     block = RamBlock.from_file(image, "pc.ram")
     pages = block.words
     nonzero = memoryview(pages[~zero_mask(pages)].tobytes())  # what the channels carry
     block.close()
-    res: dict[str, Any] = {"size_mib": size_mib, "repeat": repeat}
-    durable, sockets = [], []
+    res: dict[str, Any] = {"size_mib": size_mib, "repeat": repeat, "warm_gib": warm_gib}
+    durable, sockets, warms = [], [], []
     runs: dict[str, list[dict[str, Any]]] = {f"{m} x{c}": [] for m, c in CASES}
     for _ in range(repeat):
-        durable.append(durable_limit(image, workdir))
+        took, warm = durable_limit(image, workdir, warm_gib=warm_gib)
+        durable.append(took)
+        warms.append(warm)
+        warm = warm_memory(warm_gib)
         sockets.append(bare_sockets(nonzero, 4, "mem"))
+        warms.append(warm)
         for method, ch in CASES:
-            runs[f"{method} x{ch}"].append(native(image, method, ch, workdir))
+            runs[f"{method} x{ch}"].append(native(image, method, ch, workdir,
+                                                  warm_gib=warm_gib))
+            warms.append(runs[f"{method} x{ch}"][-1]["warm_us"])
     res["durable_limit_s"] = statistics.median(durable)
     res["bare_sockets_s"] = statistics.median(sockets)
+    res["warm_us_per_page"] = warm_range(warms)
     res["cases"] = {k: {**median_row(v), "walls": sorted(r["wall_s"] for r in v)}
                     for k, v in runs.items()}
     return res
+
+
+def warm_range(values: list[float | None]) -> list[float] | None:
+    """[lowest, highest] cost per page of the warm-ups (None: no warm-up ran)."""
+    got = [v for v in values if v is not None]
+    return [min(got), max(got)] if got else None
+
+
+def warm_line(gib: float, span: list[float] | None) -> str:
+    """What the report says about the warm-ups."""
+    if not span:
+        return "no warm-up before the timed steps (--warm-gib 0)"
+    return (f"each timed step ran right after {gib:g} GiB of fresh memory was touched and freed, "
+            f"at {span[0]:.1f}-{span[1]:.1f} us per page (benchmarks/warm.py)")
 
 
 def print_report(res: dict[str, Any]) -> None:
@@ -170,6 +198,7 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"\n{res['size_mib']} MiB mixed image, median of {res['repeat']} interleaved runs; "
           f"durable-write limit {res['durable_limit_s']:.2f} s, bare sockets x4 "
           f"{res['bare_sockets_s']:.2f} s")
+    print(warm_line(res.get("warm_gib", 0), res.get("warm_us_per_page")))
     head = (f"{'case':<9} {'wall':>6} {'/limit':>7} {'transfer':>9} {'recv start':>11}  "
             "phases of the receiver (s)")
     print(head)
@@ -195,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--warm-gib", type=float, default=WARM_GIB,
+                   help="GiB of memory touched and freed before each timed step (0: none; "
+                        "see benchmarks/warm.py)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--workdir", default=None)
     a = p.parse_args(argv)
     work = tempfile.mkdtemp(prefix="bench-wall-", dir=a.workdir)
     try:
-        res = run(a.size_mib, a.repeat, work)
+        res = run(a.size_mib, a.repeat, work, a.warm_gib)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_report(res)

@@ -183,3 +183,39 @@ def test_qemu_cells_give_median_ratios_and_flag_a_loaded_machine(
     out = capsys.readouterr().out
     assert "QEMU->QEMU trials took 270-1600 ms (5.9x apart)" in out
     assert "280-320" not in out
+
+
+def test_warm_up_touches_and_frees_every_page_it_is_asked_for() -> None:
+    """The warm-up before a timed step makes its memory resident (the peak RSS grows by the
+    size asked for) and frees it again (the RSS after is back down); 0 GiB: no warm-up."""
+    code = ("import resource, os\n"
+            "from benchmarks.warm import warm_memory\n"
+            "assert warm_memory(0) is None\n"
+            "cost = warm_memory(0.25)\n"
+            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10\n"
+            "rss = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+            "print(cost, peak, rss)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    cost, peak, rss = proc.stdout.split()
+    assert float(cost) > 0
+    assert int(peak) >= 256 << 20, f"peak RSS {int(peak) >> 20} MiB: the pages were not touched"
+    assert int(rss) < 200 << 20, f"RSS {int(rss) >> 20} MiB after: the memory was not freed"
+
+
+def test_qemu_cells_report_what_the_warm_ups_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each step's warm-up cost per page is kept, and the table gives its range."""
+    from benchmarks.bench_qemu import print_cells, summarize
+
+    trials = [_trial(300, 900, 450, 800, 600), _trial(280, 1000, 400, 780, 620)]
+    for n, trial in enumerate(trials):
+        for step, cost in zip(trial, (1.5, 2.0, 9.5, 3.0, 1.8), strict=True):
+            trial[step]["warm_us"] = cost + n
+    cell = summarize("none", 4, trials)
+    assert cell["warm_us_per_page"] == [1.5, 10.5]
+    print_cells([cell], 2, 2.0)
+    assert "after 2 GiB of fresh memory was touched and freed, at 1.5-10.5 us per page" in (
+        capsys.readouterr().out)
+    print_cells([summarize("none", 4, [_trial(300, 900, 450, 800, 600)])], 1)
+    assert "no warm-up before the timed steps" in capsys.readouterr().out

@@ -2,7 +2,9 @@
 
 The guest's RAM is a ``memory-backend-file`` (block name = the backend id ``mem``), so its
 content can be seeded from a pattern file (``share=off``) or read back after a migration
-(``share=on``). Every process is killed by its PID on ``stop``; nothing is found by name.
+(``share=on``); or, with ``anonymous``, a ``memory-backend-ram`` (same block name), the
+ordinary anonymous memory a VM's ``-m`` gives, which benchmarks use. Every process is killed
+by its PID on ``stop``; nothing is found by name.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class GuestConfig:
     mem_mib: int = 64
     ram_file: Path | None = None  # memory-backend-file mem-path
     share: bool = True
+    #: memory-backend-ram instead (no file): never-written pages read as the zero page, where
+    #: a private mapping of a sparse file makes the kernel allocate and zero a page-cache
+    #: page for each one the migration reads.
+    anonymous: bool = False
     paused: bool = True  # -S
     incoming: bool = False  # -incoming defer
     uuid: str | None = None
@@ -86,15 +92,19 @@ class QemuVM:
         binary = qemu_binary()
         if binary is None:
             raise TransportError(qemu_missing_reason() or "no QEMU")
-        if c.ram_file is None:
-            c.ram_file = self.workdir / f"{self.name}.ram"
-        if not c.ram_file.exists():
-            with open(c.ram_file, "wb") as f:
-                f.truncate(c.mem_mib << 20)
+        if c.anonymous:
+            backend = f"memory-backend-ram,id=mem,size={c.mem_mib}M"
+        else:
+            if c.ram_file is None:
+                c.ram_file = self.workdir / f"{self.name}.ram"
+            if not c.ram_file.exists():
+                with open(c.ram_file, "wb") as f:
+                    f.truncate(c.mem_mib << 20)
+            backend = (f"memory-backend-file,id=mem,size={c.mem_mib}M,mem-path={c.ram_file},"
+                       f"share={'on' if c.share else 'off'}")
         args = [
             binary, "-machine", f"{c.machine},memory-backend=mem", "-m", f"{c.mem_mib}M",
-            "-object", f"memory-backend-file,id=mem,size={c.mem_mib}M,mem-path={c.ram_file},"
-                       f"share={'on' if c.share else 'off'}",
+            "-object", backend,
             "-nodefaults", "-display", "none", "-accel", c.accel,
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]

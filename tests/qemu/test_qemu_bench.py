@@ -25,6 +25,7 @@ def test_quick_qemu_rows_hold_every_wall_and_ratio(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     q = json.loads(out.read_text())["qemu"]
     assert q["repeat"] == 1
+    assert q["warm_gib"] == 0  # --quick is a smoke run: no warm-up before its steps
     cells = [r for r in q["rows"] if "ratios" in r]
     assert {r["method"] for r in cells} >= {"none", "zstd"}
     for r in cells:
@@ -45,3 +46,23 @@ def test_quick_qemu_rows_hold_every_wall_and_ratio(tmp_path: Path) -> None:
         assert list(phases) == ["connecting", "transferring", "verifying", "device state"]
     table = proc.stdout[proc.stdout.index("QEMU (pc"):]
     assert "native" in table and "durable" in table and "median" in table
+
+
+def test_bench_guest_ram_is_anonymous(tmp_path: Path) -> None:
+    """The bench's guests have ordinary anonymous RAM, as a VM's ``-m`` gives: no RAM file,
+    whose never-written pages QEMU's source would read through the page cache."""
+    require_qemu()
+    from benchmarks.bench_qemu import Bench
+    from multifd_core.image import write_mixed_image
+
+    blob = tmp_path / "mixed.bin"
+    write_mixed_image(blob, 1 << 20)
+    vm = Bench(tmp_path, 64, blob, warm_gib=0).vm("src")
+    try:
+        assert vm.proc is not None
+        memdevs = vm.qmp.execute("query-memdev")
+        assert [(m["id"], m["size"]) for m in memdevs] == [("mem", 64 << 20)]
+        maps = Path(f"/proc/{vm.proc.pid}/maps").read_text()
+        assert ".ram" not in maps and not list(tmp_path.glob("*.ram"))
+    finally:
+        vm.stop()
