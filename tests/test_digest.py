@@ -18,7 +18,7 @@ import pytest
 
 from multifd_core.engine.digest import MIN_HOLE, data_extents, digest_of, digest_of_file
 from multifd_core.engine.ram import RamBlock
-from multifd_core.engine.writeback import Writeback
+from multifd_core.engine.writeback import Writeback, flush_beside
 from multifd_core.session.transport import ConnectionGate
 from multifd_core.testing import require
 
@@ -101,6 +101,20 @@ def test_writeback_never_started_closes_its_descriptors(tmp_path: Path) -> None:
     Writeback([fd]).stop()
     assert set(os.listdir("/proc/self/fd")) <= before
     os.close(fd)
+
+
+def test_flush_beside_returns_the_work_and_logs_both_durations(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The hash and the flush run beside each other; ``-vv`` says how long each took, so a
+    slow tail shows which of the two it waited for."""
+    block = RamBlock.create_file(tmp_path / "b.ram", "b", 1 << 20)
+    block.write_pages(np.array([3]), os.urandom(4096))
+    with caplog.at_level("DEBUG", logger="multifd.writeback"):
+        result, failed = flush_beside([block], lambda: block.digest())
+    block.close()
+    assert result == blake3.blake3((tmp_path / "b.ram").read_bytes()).hexdigest()
+    assert failed == []
+    assert re.search(r"the work took \d+\.\d{3} s, the flush \d+\.\d{3} s", caplog.text)
 
 
 def test_gate_wake_ends_a_poll() -> None:

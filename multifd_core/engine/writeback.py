@@ -9,14 +9,17 @@ pages written since the last pass.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from multifd_core.engine.ram import RamBlock
 
 T = TypeVar("T")
+log = logging.getLogger("multifd.writeback")
 
 _SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -87,19 +90,27 @@ def flush_beside(blocks: Sequence[RamBlock], work: Callable[[], T]) -> tuple[T, 
     flush and the hash both release the GIL). ``work``'s result, and the blocks whose flush
     failed with the error (the flush stops at the first)."""
     failed: list[tuple[RamBlock, OSError]] = []
+    took: dict[str, float] = {}
+    t0 = time.perf_counter()
 
     def flush() -> None:
-        for block in blocks:
-            try:
-                block.flush()
-            except OSError as exc:
-                failed.append((block, exc))
-                return
+        try:
+            for block in blocks:
+                try:
+                    block.flush()
+                except OSError as exc:
+                    failed.append((block, exc))
+                    return
+        finally:
+            took["flush"] = time.perf_counter() - t0
 
     flusher = threading.Thread(target=flush, name="multifd-flush", daemon=True)
     flusher.start()
     try:
         result = work()
+        took["work"] = time.perf_counter() - t0
     finally:
         flusher.join()
+    log.debug("beside each other: the work took %.3f s, the flush %.3f s",
+              took.get("work", float("nan")), took.get("flush", float("nan")))
     return result, failed
