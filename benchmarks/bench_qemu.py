@@ -54,9 +54,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_wall import durable_limit, warm_line, warm_range
+from benchmarks.bench_wall import durable_limit
 from benchmarks.bench_wall import native as native_run
-from benchmarks.warm import WARM_GIB, warm_memory
+from benchmarks.warm import WARM_GIB, warm_line, warm_memory, warm_range
 from multifd_core.engine.ram import RamBlock
 from multifd_core.image import write_mixed_image
 from multifd_core.methods.registry import default_registry
@@ -169,7 +169,6 @@ class Bench:
         finally:
             dst.stop()
 
-
     def native(self, capdir: Path, method: str, channels: int) -> dict[str, Any]:
         """The captured guest RAM sent with ``multifd send`` -> ``multifd recv``."""
         row = native_run(str(_largest_block(capdir)), method, channels, str(self.workdir),
@@ -209,7 +208,6 @@ class Bench:
         finally:
             shutil.rmtree(capdir, ignore_errors=True)
         return summarize(method, channels, trials)
-
 
     # ------------------------------------------------------------------ mapped-ram files
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks.bench_engine import bare_sockets
 from benchmarks.common import free_port
-from benchmarks.warm import WARM_GIB, warm_memory
+from benchmarks.warm import WARM_GIB, warm_line, warm_memory, warm_range
 from multifd_core.demo import mixed_image_path
 from multifd_core.engine.ram import RamBlock
 from multifd_core.wire.pages import run_bounds, zero_mask
@@ -177,20 +177,6 @@ def run(size_mib: int, repeat: int, workdir: str, warm_gib: float = WARM_GIB) ->
     res["cases"] = {k: {**median_row(v), "walls": sorted(r["wall_s"] for r in v)}
                     for k, v in runs.items()}
     return res
-
-
-def warm_range(values: list[float | None]) -> list[float] | None:
-    """[lowest, highest] cost per page of the warm-ups (None: no warm-up ran)."""
-    got = [v for v in values if v is not None]
-    return [min(got), max(got)] if got else None
-
-
-def warm_line(gib: float, span: list[float] | None) -> str:
-    """What the report says about the warm-ups."""
-    if not span:
-        return "no warm-up before the timed steps (--warm-gib 0)"
-    return (f"each timed step ran right after {gib:g} GiB of fresh memory was touched and freed, "
-            f"at {span[0]:.1f}-{span[1]:.1f} us per page (benchmarks/warm.py)")
 
 
 def print_report(res: dict[str, Any]) -> None:

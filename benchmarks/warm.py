@@ -46,3 +46,17 @@ def warm_memory(gib: float) -> float | None:
     finally:
         area.close()
     return round(took / (size // PAGE) * 1e6, 2)
+
+
+def warm_range(values: list[float | None]) -> list[float] | None:
+    """[lowest, highest] cost per page of the warm-ups (None: no warm-up ran)."""
+    got = [v for v in values if v is not None]
+    return [min(got), max(got)] if got else None
+
+
+def warm_line(gib: float, span: list[float] | None) -> str:
+    """What the report says about the warm-ups."""
+    if not span:
+        return "no warm-up before the timed steps (--warm-gib 0)"
+    return (f"each timed step ran right after {gib:g} GiB of fresh memory was touched and freed, "
+            f"at {span[0]:.1f}-{span[1]:.1f} us per page (benchmarks/warm.py)")
